@@ -1,0 +1,49 @@
+"""What every Hydra entry point shares: config-group checks and one-line errors for fixable mistakes."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from adasched.errors import ConfigError, DataUnavailableError
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT), replace=True)
+
+
+def check_group_choices(config_dir: Path, overrides: Sequence[str]) -> None:
+    """Reject ``group=value`` overrides naming no config file, listing the options, before Hydra starts.
+
+    Hydra's own message for this spans many lines; a user who typed a wrong name needs one.
+    """
+    for override in overrides:
+        if "=" not in override or override.startswith(("+", "~", "hydra.")):
+            continue
+        group, value = override.split("=", 1)
+        group_dir = config_dir / group
+        if not group_dir.is_dir():
+            continue
+        options = sorted(p.stem for p in group_dir.glob("*.yaml"))
+        for choice in value.split(","):  # multirun sweeps: a,b,c
+            if choice not in options:
+                raise ConfigError(f"unknown {group} {choice!r}; choose one of: {', '.join(options)}")
+
+
+@contextmanager
+def user_errors_exit() -> Iterator[None]:
+    """Turn a ConfigError / DataUnavailableError into ``error: <message>`` on stderr and exit status 2."""
+    try:
+        yield
+    except (ConfigError, DataUnavailableError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def preflight(config_dir: Path) -> None:
+    """Run before ``@hydra.main``: check group choices in ``sys.argv``."""
+    with user_errors_exit():
+        check_group_choices(config_dir, sys.argv[1:])

@@ -1,0 +1,1 @@
+"""Jobs behind the Hydra entry points, as plain functions of a composed config."""

@@ -1,0 +1,116 @@
+"""``train(cfg)``: train one member of a family from a composed Hydra config, resumably, and export it.
+
+A plain function (the ``@hydra.main`` wrapper lives in ``experiments/train.py``) so tests can call it with a
+composed, shrunken config.
+"""
+
+from __future__ import annotations
+
+import platform
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import EMAWeightAveraging, LearningRateMonitor, ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from adasched.errors import ConfigError
+from adasched.export import METADATA_FILE, export_model, write_json_atomic
+from adasched.models.dit import MDLMDenoiser
+from adasched.tokenizer import load_or_train_tokenizer
+from adasched.training import LanguageModelModule, evaluate
+
+LOGGER_MODES = ("disabled", "offline", "online")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Fail early, on one line, on values Lightning or wandb would reject late or silently reinterpret."""
+    max_steps = cfg.trainer.max_steps
+    if not isinstance(max_steps, int) or max_steps <= 0:
+        raise ConfigError(f"trainer.max_steps={max_steps!r} is invalid; it must be a positive integer")
+    if cfg.logger.mode not in LOGGER_MODES:
+        raise ConfigError(f"logger.mode={cfg.logger.mode!r} is invalid; choose one of {', '.join(LOGGER_MODES)}")
+    if not 0.0 < cfg.ema_decay < 1.0:
+        raise ConfigError(f"ema_decay={cfg.ema_decay} must lie in (0, 1)")
+    if cfg.checkpoint_every_n_steps <= 0:
+        raise ConfigError(f"checkpoint_every_n_steps={cfg.checkpoint_every_n_steps} must be a positive integer")
+
+
+def resume_checkpoint(checkpoint_dir: Path, resume: bool) -> str | None:
+    """The checkpoint to continue from; a fresh start never overwrites an earlier run's checkpoints."""
+    last = checkpoint_dir / "last.ckpt"
+    if not last.exists():
+        return None
+    if not resume:
+        raise ConfigError(
+            f"{checkpoint_dir} already holds a run; pass resume=true to continue it or another run_name to start anew"
+        )
+    return str(last)
+
+
+def command_line() -> str:
+    """The command that reproduces this run (its Hydra overrides, when run through Hydra)."""
+    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    return " ".join(["python experiments/train.py", *overrides])
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Fit the configured model on the configured corpus; returns the metadata written next to the export."""
+    validate(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+    run_dir = Path(cfg.run_dir)
+    corpus = instantiate(cfg.data.corpus)
+    tokenizer = load_or_train_tokenizer(
+        cfg.tokenizer.kind, cfg.tokenizer.path, cfg.tokenizer.vocab_size, lambda: corpus.load()["train"]["text"]
+    )
+    datamodule = instantiate(cfg.data.module, corpus=corpus, tokenizer=tokenizer)
+    model = instantiate(cfg.model.net, tokenizer=tokenizer, seq_len=cfg.data.seq_len)
+    objective = instantiate(cfg.model.objective)
+    module = LanguageModelModule(model, objective, **cfg.optim)
+
+    checkpoint_dir = run_dir / "checkpoints"
+    ckpt_path = resume_checkpoint(checkpoint_dir, cfg.resume)
+    callbacks = [
+        EMAWeightAveraging(decay=cfg.ema_decay),
+        ModelCheckpoint(dirpath=checkpoint_dir, save_last=True, every_n_train_steps=cfg.checkpoint_every_n_steps),
+        LearningRateMonitor(logging_interval="step"),
+    ]
+    logger = instantiate(cfg.logger)
+    logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))  # the W&B config is the whole config
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger, default_root_dir=str(run_dir))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    trainer.save_checkpoint(checkpoint_dir / "last.ckpt")  # max_time may stop between periodic saves
+
+    if not trainer.is_global_zero:
+        return {}
+    metadata = {
+        "name": cfg.model.name,
+        "command": command_line(),
+        "steps": trainer.global_step,
+        "tokens_seen": module.tokens_seen,
+        "train_wall_seconds": round(module.elapsed_seconds(), 1),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "seed": cfg.seed,
+        "corpus": cfg.data.name,
+        "seq_len": cfg.data.seq_len,
+        "vocab_size": len(tokenizer),
+        "ema_decay": cfg.ema_decay,
+        "export_dtype": cfg.export_dtype,
+        "trained_on": f"{platform.machine()} {torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}",
+        "torch": torch.__version__,
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    if isinstance(model, MDLMDenoiser):
+        metadata["n_blocks"] = model.config.n_blocks
+        metadata["flops_per_forward_full_projection"] = model.flops_per_forward(cfg.data.seq_len, cfg.data.seq_len)
+    export_dir = export_model(model, cfg.export_dir, cfg.export_dtype, metadata)
+    # Score the exported (16-bit) weights themselves, so the number shipped is the number of the files shipped.
+    exported = type(model).from_pretrained(str(export_dir)).float()
+    metadata[f"val_{objective.metric}_nats_per_token"] = round(evaluate(exported, objective, datamodule.val_dataloader(), module.device), 4)
+    write_json_atomic(export_dir / METADATA_FILE, metadata)
+    print(f"exported {cfg.model.name} to {export_dir}: val {objective.metric} {metadata[f'val_{objective.metric}_nats_per_token']} nats/token")
+    return metadata

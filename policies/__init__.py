@@ -1,0 +1,1 @@
+"""Scheduling policies: which denoiser of a family runs at each sampling step."""
