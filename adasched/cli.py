@@ -33,13 +33,26 @@ def check_group_choices(config_dir: Path, overrides: Sequence[str]) -> None:
                 raise ConfigError(f"unknown {group} {choice!r}; choose one of: {', '.join(options)}")
 
 
+USER_ERRORS = (ConfigError, DataUnavailableError)
+
+
+def user_error_in(error: BaseException | None) -> BaseException | None:
+    """The ConfigError / DataUnavailableError behind ``error``, also when wrapped (Hydra's ``instantiate`` wraps)."""
+    while error is not None and not isinstance(error, USER_ERRORS):
+        error = error.__cause__
+    return error
+
+
 @contextmanager
 def user_errors_exit() -> Iterator[None]:
     """Turn a ConfigError / DataUnavailableError into ``error: <message>`` on stderr and exit status 2."""
     try:
         yield
-    except (ConfigError, DataUnavailableError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    except Exception as error:
+        cause = user_error_in(error)
+        if cause is None:
+            raise
+        print(f"error: {cause}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

