@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import PreTrainedTokenizerBase
 
 METADATA_FILE = "metadata.json"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -26,8 +27,11 @@ def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
     partial.replace(path)
 
 
-def export_model(model: nn.Module, directory: str | Path, dtype: str, metadata: dict[str, Any]) -> Path:
-    """Save ``model`` (cast to ``dtype``) with ``save_pretrained`` and ``metadata.json`` into ``directory``."""
+def export_model(
+    model: nn.Module, directory: str | Path, dtype: str, metadata: dict[str, Any], tokenizer: PreTrainedTokenizerBase | None = None
+) -> Path:
+    """Save ``model`` (cast to ``dtype``) with ``save_pretrained``, ``metadata.json`` and the tokenizer (so the
+    folder loads on its own, e.g. as an evaluator by path) into ``directory``."""
     if dtype not in DTYPES:
         raise ValueError(f"export dtype {dtype!r} is unknown; choose one of {', '.join(DTYPES)}")
     directory = Path(directory)
@@ -36,6 +40,8 @@ def export_model(model: nn.Module, directory: str | Path, dtype: str, metadata: 
     shutil.rmtree(partial, ignore_errors=True)
     copy.deepcopy(model).to(DTYPES[dtype]).save_pretrained(str(partial))
     write_json_atomic(partial / METADATA_FILE, metadata)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(partial))
     if directory.exists():
         retired = directory.with_name(f".{directory.name}.{os.getpid()}.old")
         directory.rename(retired)

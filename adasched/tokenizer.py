@@ -69,7 +69,7 @@ def load_or_train_tokenizer(
     if kind not in TOKENIZER_KINDS:
         raise ConfigError(f"tokenizer.kind={kind!r} is unknown; choose one of {', '.join(TOKENIZER_KINDS)}")
     if path is not None and (Path(path) / "tokenizer.json").exists():
-        return PreTrainedTokenizerFast.from_pretrained(str(path))
+        return load_tokenizer(path)
     if kind == "gpt2":
         tokenizer = gpt2_tokenizer()
     else:
@@ -79,6 +79,13 @@ def load_or_train_tokenizer(
     if path is not None:
         tokenizer.save_pretrained(str(path))
     return tokenizer
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
+    """A family tokenizer saved by ``save_pretrained``."""
+    if not (Path(path) / "tokenizer.json").is_file():
+        raise DataUnavailableError(f"no tokenizer at {path}: expected tokenizer.json there")
+    return PreTrainedTokenizerFast.from_pretrained(str(path))
 
 
 def special_ids(tokenizer: PreTrainedTokenizerFast) -> tuple[int, int]:

@@ -12,19 +12,12 @@ from typing import Any
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
-from transformers import AutoModelForCausalLM
 
-from adasched.errors import DataUnavailableError
+from adasched.evaluation import load_evaluator
 from adasched.export import read_metadata, write_json_atomic
 from adasched.models.family import load_family
 from adasched.tokenizer import load_or_train_tokenizer
 from adasched.training import CausalLMObjective, MaskedDiffusionObjective, evaluate
-
-
-def load_evaluator(path: Path) -> torch.nn.Module:
-    if not (path / "config.json").is_file():
-        raise DataUnavailableError(f"no evaluator LM at {path}: expected a transformers causal LM folder")
-    return AutoModelForCausalLM.from_pretrained(str(path)).float()
 
 
 def evaluate_family(cfg: DictConfig) -> list[dict[str, Any]]:
@@ -38,7 +31,8 @@ def evaluate_family(cfg: DictConfig) -> list[dict[str, Any]]:
     denoisers = load_family({name: family_dir / name for name in cfg.denoisers})
     members |= {name: (model, MaskedDiffusionObjective()) for name, model in denoisers.items()}
     if cfg.evaluator:
-        members[cfg.evaluator] = (load_evaluator(family_dir / cfg.evaluator), CausalLMObjective())
+        evaluator, _ = load_evaluator(str(family_dir / cfg.evaluator), "cpu", tokenizer_path=cfg.tokenizer.path)
+        members[cfg.evaluator] = (evaluator, CausalLMObjective())
 
     rows = []
     for name, (model, objective) in members.items():

@@ -109,7 +109,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if isinstance(model, MDLMDenoiser):
         metadata["n_blocks"] = model.config.n_blocks
         metadata["flops_per_forward_full_projection"] = model.flops_per_forward(cfg.data.seq_len, cfg.data.seq_len)
-    export_dir = export_model(model, cfg.export_dir, cfg.export_dtype, metadata)
+    export_dir = export_model(model, cfg.export_dir, cfg.export_dtype, metadata, tokenizer)
     # Score the exported (16-bit) weights themselves, so the number shipped is the number of the files shipped.
     exported = type(model).from_pretrained(str(export_dir)).float()
     metadata[f"val_{objective.metric}_nats_per_token"] = round(evaluate(exported, objective, datamodule.val_dataloader(), module.device), 4)

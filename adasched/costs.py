@@ -1,0 +1,79 @@
+"""Costs of a sampling run: executed FLOPs, forwards and wall-clock per model, and the paper's nominal saving.
+
+Executed FLOPs count what actually ran (rows that revealed something, projections only where revealed);
+the all-heavy baseline of the same run is what the same forwards would have cost on model 0, so the
+executed saving compares like with like on the same seeds.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class CostMeter:
+    """Accumulates per-model costs; ``blocks`` are the members' depths (for the nominal saving)."""
+
+    names: list[str]
+    blocks: list[int]
+    flops: list[float] = field(default_factory=list)
+    baseline_flops: float = 0.0  # the same forwards on model 0
+    forwards: list[int] = field(default_factory=list)  # row-forwards: one per sample that ran the model
+    batched_forwards: list[int] = field(default_factory=list)  # model calls
+    wall_s: list[float] = field(default_factory=list)
+    decisions: list[torch.Tensor] = field(default_factory=list)  # (B,) chosen model per step
+
+    def __post_init__(self) -> None:
+        n = len(self.names)
+        self.flops, self.forwards, self.batched_forwards, self.wall_s = [0.0] * n, [0] * n, [0] * n, [0.0] * n
+
+    def add_forward(self, model: int, rows: int, flops: float, baseline_flops: float) -> None:
+        self.flops[model] += flops
+        self.baseline_flops += baseline_flops
+        self.forwards[model] += rows
+        self.batched_forwards[model] += 1
+
+    @contextmanager
+    def timed(self, model: int, device: torch.device) -> Iterator[None]:
+        """Wall-clock of a model's forward (synchronized on GPU, so the time is the kernel's)."""
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        yield
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        self.wall_s[model] += time.perf_counter() - start
+
+    def record_decisions(self, action: torch.Tensor) -> None:
+        self.decisions.append(action.detach().cpu())
+
+    def saved_nominal(self) -> float:
+        """The paper's eq. 3, generalized: mean over rows and all steps of (B_0 - B_model) / B_0."""
+        if not self.decisions:
+            return 0.0
+        depth = torch.tensor(self.blocks, dtype=torch.float64)
+        chosen = depth[torch.stack(self.decisions)]
+        return float((1 - chosen / depth[0]).mean())
+
+    def saved_executed(self) -> float:
+        """1 - executed FLOPs / the same forwards' FLOPs on model 0."""
+        return 1.0 - sum(self.flops) / self.baseline_flops if self.baseline_flops else 0.0
+
+    def summary(self) -> dict[str, object]:
+        return {
+            "flops": {
+                "executed": sum(self.flops),
+                "executed_per_model": dict(zip(self.names, self.flops)),
+                "all_heavy_same_forwards": self.baseline_flops,
+                "saved_executed": self.saved_executed(),
+                "saved_nominal": self.saved_nominal(),
+            },
+            "forwards": dict(zip(self.names, self.forwards)),
+            "batched_forwards": dict(zip(self.names, self.batched_forwards)),
+            "wall_s_per_model": dict(zip(self.names, self.wall_s)),
+        }

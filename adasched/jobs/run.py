@@ -1,0 +1,146 @@
+"""``run(cfg)``: sample with one policy, evaluate, and write results.json, samples.jsonl and the schedule.
+
+With ``eval.compare_to_heavy`` the same seeds are also sampled all-heavy in the same process, which gives
+paired quality differences and a wall-clock speedup measured under the same conditions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from adasched.costs import CostMeter
+from adasched.errors import ConfigError
+from adasched.evaluation import evaluate_samples, load_evaluator, sample_nll
+from adasched.export import write_json_atomic
+from adasched.generation import Generation, generate, validation_prompts
+from adasched.models.family import load_family
+from adasched.plots import plot_schedule
+from adasched.run_logging import log_run
+from adasched.tokenizer import load_tokenizer
+from policies import Policy, make_policy
+
+BASELINE_POLICY = "static_heavy"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={name!r} but no GPU is visible; use device=cpu or device=auto")
+    return torch.device(name)
+
+
+def prompts_for(cfg: DictConfig, tokenizer: Any, seeds: torch.Tensor) -> torch.Tensor | None:
+    """Prefix mode: the first ``prefix_len`` tokens of held-out validation blocks, chosen by sample seed."""
+    if cfg.sampling.prefix_len <= 0:
+        return None
+    datamodule = instantiate(cfg.data.module, corpus=instantiate(cfg.data.corpus), tokenizer=tokenizer)
+    datamodule.setup()
+    blocks = datamodule.blocks["validation"]["input_ids"][:]
+    return validation_prompts(torch.as_tensor(blocks), seeds, cfg.sampling.prefix_len)
+
+
+def sample_with(cfg: DictConfig, policy: Policy, models: list, meter: CostMeter, prompts: torch.Tensor | None) -> Generation:
+    return generate(
+        models, policy, cfg.sampling.num_samples, cfg.sampling.batch_size, cfg.seed, cfg.sampling.num_steps,
+        cfg.sampling.seq_len, meter, prompts=prompts, top_p=cfg.sampling.top_p, budget=cfg.get("budget"),
+    )
+
+
+def decode(tokenizer: Any, generation: Generation) -> tuple[list[str], list[list[int]]]:
+    """Texts of the generated part of every sample (the prompt, if any, is left out) and its token ids."""
+    ids = generation.tokens[:, generation.prefix_len :].tolist()
+    return [tokenizer.decode(row, skip_special_tokens=True) for row in ids], ids
+
+
+def write_samples(path: Path, generation: Generation, texts: list[str], nll: list[float], tokenizer: Any) -> None:
+    """samples.jsonl: one line per sample with its seed (rerun it alone with the same seed), atomically."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    with partial.open("w", encoding="utf-8") as handle:
+        for i, (seed, text) in enumerate(zip(generation.seeds.tolist(), texts)):
+            row = {"seed": seed, "text": text, "nll": nll[i]}
+            if generation.prefix_len:
+                row["prompt"] = tokenizer.decode(generation.tokens[i, : generation.prefix_len].tolist())
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    partial.replace(path)
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    device = resolve_device(cfg.device)
+    family_dir = Path(cfg.family.dir)
+    members = list(cfg.family.members)
+    models = [model.to(device) for model in load_family({name: family_dir / name for name in members}).values()]
+    tokenizer = load_tokenizer(cfg.family.tokenizer)
+    names, depths = members, [m.config.n_blocks for m in models]
+    seeds = cfg.seed + torch.arange(cfg.sampling.num_samples)
+    prompts = prompts_for(cfg, tokenizer, seeds)
+    evaluator, evaluator_tokenizer = load_evaluator(cfg.eval.ppl_model, device, cfg.eval.tokenizer_path)
+
+    def sample_and_decode(policy: Policy) -> tuple[Generation, CostMeter, list[str], list[list[int]]]:
+        meter = CostMeter(names, depths)
+        generation = sample_with(cfg, policy, models, meter, prompts)
+        texts, ids = decode(tokenizer, generation)
+        return generation, meter, texts, ids
+
+    generation, meter, texts, ids = sample_and_decode(instantiate(cfg.policy))
+    baseline = None
+    if cfg.eval.compare_to_heavy and cfg.policy.name != BASELINE_POLICY:
+        baseline = sample_and_decode(make_policy(BASELINE_POLICY))
+    baseline_nll = None
+    if baseline is not None:
+        baseline_nll = sample_nll(baseline[2], evaluator, evaluator_tokenizer, cfg.eval.batch_size, None, device).nll
+    quality = evaluate_samples(texts, ids, evaluator, evaluator_tokenizer, cfg.eval.batch_size, device, baseline_nll)
+
+    results: dict[str, Any] = {
+        "policy": cfg.policy.name,
+        "policy_config": {k: v for k, v in OmegaConf.to_container(cfg.policy, resolve=True).items() if k != "_target_"},
+        "family": {"dir": str(family_dir), "members": names, "n_blocks": depths},
+        "num_samples": cfg.sampling.num_samples,
+        "seq_len": cfg.sampling.seq_len,
+        "steps": cfg.sampling.num_steps,
+        "prefix_len": cfg.sampling.prefix_len,
+        "top_p": cfg.sampling.top_p,
+        "seed": cfg.seed,
+        "device": str(device),
+        "evaluator": cfg.eval.ppl_model,
+        **{key: value for key, value in quality.items() if key != "nll"},
+        **meter.summary(),
+        "wall_s": {"sampling": generation.wall_s},
+    }
+    if baseline is not None:
+        results["wall_s"]["sampling_all_heavy"] = baseline[0].wall_s
+        results["speedup_vs_all_heavy"] = baseline[0].wall_s / generation.wall_s
+        results["wall_saved_vs_all_heavy"] = 1 - generation.wall_s / baseline[0].wall_s
+
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(run_dir / "results.json", results)
+    write_samples(run_dir / "samples.jsonl", generation, texts, quality["nll"], tokenizer)
+    schedule_png = plot_schedule(generation.actions, names, f"{cfg.policy.name}: model per step", run_dir / "schedule.png")
+    log_run(cfg, results, texts, quality["nll"], generation.seeds.tolist(), schedule_png)
+    print_summary(results)
+    return results
+
+
+def print_summary(results: dict[str, Any]) -> None:
+    ppl, flops = results["gen_ppl"], results["flops"]
+    lines = [
+        f"policy              {results['policy']}",
+        f"samples             {results['num_samples']} x {results['seq_len']} tokens, {results['steps']} steps",
+        f"gen PPL             {ppl['mean']:.2f} +- {ppl['ci95']:.2f} (95% CI)",
+        f"unigram entropy     {results['entropy']['mean']:.3f} nats",
+        f"FLOPs saved         nominal {100 * flops['saved_nominal']:.1f}%, executed {100 * flops['saved_executed']:.1f}%",
+        f"forwards per model  {results['forwards']}",
+        f"sampling wall       {results['wall_s']['sampling']:.1f} s",
+    ]
+    if "gen_ppl_paired_diff" in results:
+        diff = results["gen_ppl_paired_diff"]
+        lines.append(f"vs all-heavy        PPL {diff['mean']:+.2f} +- {diff['ci95']:.2f} (paired), wall speedup {results['speedup_vs_all_heavy']:.2f}x")
+    print("\n".join(lines))

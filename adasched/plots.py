@@ -1,0 +1,51 @@
+"""Figures written next to results: the schedule a policy chose, and quality vs compute across runs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on servers and in CI
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.colors import ListedColormap  # noqa: E402
+
+MODEL_COLORS = ["#1f4e79", "#d62728", "#ff9896", "#2ca02c", "#9467bd"]
+
+
+def save_figure(figure: plt.Figure, path: Path) -> Path:
+    """Write through a temporary file and an atomic rename."""
+    partial = path.with_name(f".{path.stem}.partial{path.suffix}")
+    figure.savefig(partial, dpi=120, bbox_inches="tight")
+    plt.close(figure)
+    partial.replace(path)
+    return path
+
+
+def plot_schedule(actions: torch.Tensor, names: Sequence[str], title: str, path: Path, max_rows: int = 32) -> Path:
+    """Model per step (x: step, from t = 1 on the left) for up to ``max_rows`` samples (y)."""
+    shown = actions[:, :max_rows].T.numpy()
+    figure, axis = plt.subplots(figsize=(10, 1.2 + 0.12 * shown.shape[0]))
+    colors = ListedColormap(MODEL_COLORS[: len(names)])
+    axis.imshow(shown, aspect="auto", interpolation="nearest", cmap=colors, vmin=-0.5, vmax=len(names) - 0.5)
+    axis.set_xlabel("step (t = 1 -> 0)")
+    axis.set_ylabel("sample")
+    axis.set_title(title)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=MODEL_COLORS[i]) for i in range(len(names))]
+    axis.legend(handles, names, loc="upper right", bbox_to_anchor=(1.0, 1.35), ncol=len(names), frameon=False)
+    return save_figure(figure, path)
+
+
+def plot_quality_vs_compute(rows: Sequence[dict], path: Path, saving_key: str = "saved_executed") -> Path:
+    """Generative perplexity (with 95% CI) against the FLOPs saved, one point per run."""
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for row in rows:
+        x = 100 * row["flops"][saving_key]
+        axis.errorbar(x, row["gen_ppl"]["mean"], yerr=row["gen_ppl"]["ci95"], fmt="o", capsize=3)
+        axis.annotate(row["label"], (x, row["gen_ppl"]["mean"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    axis.set_xlabel(f"FLOPs saved ({saving_key.replace('_', ' ')}), %")
+    axis.set_ylabel("generative perplexity")
+    axis.grid(alpha=0.3)
+    return save_figure(figure, path)

@@ -1,0 +1,22 @@
+"""Sample with a scheduling policy and evaluate it:  python experiments/run.py policy=static_sandwich"""
+
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from adasched.cli import preflight, user_errors_exit
+from adasched.jobs.run import run
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+@hydra.main(config_path=str(CONFIG_DIR), config_name="run", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    with user_errors_exit():
+        run(cfg)
+
+
+if __name__ == "__main__":
+    preflight(CONFIG_DIR)
+    main()
