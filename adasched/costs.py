@@ -26,7 +26,8 @@ class CostMeter:
     forwards: list[int] = field(default_factory=list)  # row-forwards: one per sample that ran the model
     batched_forwards: list[int] = field(default_factory=list)  # model calls
     wall_s: list[float] = field(default_factory=list)
-    decisions: list[torch.Tensor] = field(default_factory=list)  # (B,) chosen model per step
+    nominal_saving_sum: float = 0.0  # sum over (row, step) decisions of (B_0 - B_model) / B_0
+    decisions: int = 0  # (row, step) decisions seen
 
     def __post_init__(self) -> None:
         n = len(self.names)
@@ -50,15 +51,14 @@ class CostMeter:
         self.wall_s[model] += time.perf_counter() - start
 
     def record_decisions(self, action: torch.Tensor) -> None:
-        self.decisions.append(action.detach().cpu())
+        """Count one step's choices, executed or not: the nominal saving counts every step, as the paper."""
+        depth = torch.tensor(self.blocks, dtype=torch.float64)
+        self.nominal_saving_sum += float((1 - depth[action.cpu()] / depth[0]).sum())
+        self.decisions += len(action)
 
     def saved_nominal(self) -> float:
         """The paper's eq. 3, generalized: mean over rows and all steps of (B_0 - B_model) / B_0."""
-        if not self.decisions:
-            return 0.0
-        depth = torch.tensor(self.blocks, dtype=torch.float64)
-        chosen = depth[torch.stack(self.decisions)]
-        return float((1 - chosen / depth[0]).mean())
+        return self.nominal_saving_sum / self.decisions if self.decisions else 0.0
 
     def saved_executed(self) -> float:
         """1 - executed FLOPs / the same forwards' FLOPs on model 0."""

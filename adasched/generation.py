@@ -60,16 +60,17 @@ def generate(
     seeds = base_seed + torch.arange(num_samples)
     tokens, actions, wall = [], [], 0.0
     device = next(models[0].parameters()).device
-    batches = range(0, num_samples, batch_size)
-    for start in tqdm(batches, desc=f"sampling [{policy.name}]", unit="batch", disable=not progress):
+    bar = tqdm(total=-(-num_samples // batch_size) * num_steps, desc=f"sampling [{policy.name}]", unit="step", disable=not progress)
+    for start in range(0, num_samples, batch_size):
         batch_seeds = seeds[start : start + batch_size].to(device)
         prefix = None if prompts is None else prompts[start : start + batch_size].to(device)
         clock = time.perf_counter()
-        out = sampler(models, policy, batch_seeds, num_steps, seq_len, meter, prefix=prefix, top_p=top_p, budget=budget)
+        out = sampler(models, policy, batch_seeds, num_steps, seq_len, meter, prefix=prefix, top_p=top_p, budget=budget, on_step=bar.update)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         wall += time.perf_counter() - clock
         tokens.append(out.tokens.cpu())
         actions.append(out.actions.cpu())
+    bar.close()
     prefix_len = 0 if prompts is None else prompts.shape[1]
     return Generation(seeds, torch.cat(tokens), torch.cat(actions, dim=1), prefix_len, wall)

@@ -9,7 +9,7 @@ here for tests and benchmarks, not for use.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -31,6 +31,7 @@ def reference_sample(
     prefix: torch.Tensor | None = None,
     top_p: float = 1.0,
     budget: float | None = None,
+    on_step: Callable[[int], None] | None = None,
 ) -> SampleOutput:
     """Same contract as ``adasched.sampling.sample``."""
     check_sampling_args(models, num_steps, seq_len, top_p, prefix)
@@ -70,4 +71,6 @@ def reference_sample(
         if reveal.any():
             cached_logits = None  # the batch changed: MDLM's cache is dropped
         path.finish(policy, state, action, reveal, entropy)
+        if on_step is not None:
+            on_step(1)  # progress: the caller's bar advances one step
     return path.output()

@@ -10,7 +10,7 @@ sampler (``adasched.reference_sampler``) produces the same tokens from the same 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -152,6 +152,7 @@ def sample(
     prefix: torch.Tensor | None = None,
     top_p: float = 1.0,
     budget: float | None = None,
+    on_step: Callable[[int], None] | None = None,
 ) -> SampleOutput:
     """Generate one batch (one row per seed) with ``policy`` choosing among ``models`` (0 = heavy)."""
     check_sampling_args(models, num_steps, seq_len, top_p, prefix)
@@ -180,4 +181,6 @@ def sample(
                     owner = torch.repeat_interleave(torch.arange(len(rows), device=path.device), counts)
                     entropy[rows] = mean_entropy_per_row(probs, owner, len(rows))
         path.finish(policy, state, action, reveal, entropy)
+        if on_step is not None:
+            on_step(1)  # progress: the caller's bar advances one step
     return path.output()

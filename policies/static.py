@@ -159,7 +159,7 @@ class Segments:
 class StaticSegments(StaticSchedule):
     """Any contiguous schedule, e.g. ``L125,H750,L125``; ``letters`` maps letters to models (3+ models too)."""
 
-    def __init__(self, spec: str = "L125,H750,L125", letters: Mapping[str, int] | None = None) -> None:
+    def __init__(self, spec: str = "L0.125,H0.75,L0.125", letters: Mapping[str, int] | None = None) -> None:
         self.segments = Segments.parse(spec, dict(letters or DEFAULT_LETTERS))
 
     def schedule(self, num_steps: int) -> torch.Tensor:

@@ -73,6 +73,7 @@ def write_samples(path: Path, generation: Generation, texts: list[str], nll: lis
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
+    policy = instantiate(cfg.policy)  # first: a bad policy value fails before any model loads
     device = resolve_device(cfg.device)
     family_dir = Path(cfg.family.dir)
     members = list(cfg.family.members)
@@ -89,7 +90,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         texts, ids = decode(tokenizer, generation)
         return generation, meter, texts, ids
 
-    generation, meter, texts, ids = sample_and_decode(instantiate(cfg.policy))
+    generation, meter, texts, ids = sample_and_decode(policy)
     baseline = None
     if cfg.eval.compare_to_heavy and cfg.policy.name != BASELINE_POLICY:
         baseline = sample_and_decode(make_policy(BASELINE_POLICY))

@@ -16,6 +16,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import EMAWeightAveraging, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
 from adasched.errors import ConfigError
@@ -81,9 +82,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     ]
     if cfg.trainer.enable_progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=10))  # plain text: readable in logs and on clusters
-    logger = instantiate(cfg.logger)
-    logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))  # the W&B config is the whole config
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger, default_root_dir=str(run_dir))
+    loggers = [instantiate(cfg.logger), CSVLogger(run_dir, name="metrics", version="")]  # CSV: curves offline too
+    for logger in loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))  # the W&B config is the whole config
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, default_root_dir=str(run_dir))
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     trainer.save_checkpoint(checkpoint_dir / "last.ckpt")  # max_time may stop between periodic saves
 

@@ -1,0 +1,104 @@
+"""The main job end to end on a tiny family: files written, fields present, common seeds, clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import open_dict
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from adasched.comparison import find_results, load_rows, table_rows
+from adasched.jobs.run import run
+from adasched.models import DenoiserConfig, MDLMDenoiser
+from adasched.tokenizer import train_bpe
+from tests.conftest import ROOT, compose_config
+
+RESULT_FIELDS = ("policy", "num_samples", "seq_len", "steps", "gen_ppl", "entropy", "flops", "wall_s", "forwards")
+
+
+@pytest.fixture(scope="module")
+def tiny_family(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """heavy (2 blocks) + light (1 block) denoisers, an evaluator and a tokenizer, all random and tiny."""
+    root = tmp_path_factory.mktemp("family")
+    tokenizer = train_bpe(["To be, or not to be, that is the question."] * 30, 300)
+    tokenizer.save_pretrained(str(root / "tokenizer"))
+    for name, depth in (("heavy", 2), ("light", 1)):
+        torch.manual_seed(depth)
+        config = DenoiserConfig(vocab_size=len(tokenizer), mask_token_id=tokenizer.mask_token_id, seq_len=16, n_blocks=depth, d_model=32, n_heads=2)
+        MDLMDenoiser(config).save_pretrained(str(root / name))
+    evaluator = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=32, n_layer=1, n_embd=16, n_head=2))
+    evaluator.save_pretrained(str(root / "ar_evaluator"))
+    return root
+
+
+def run_config(family: Path, run_dir: Path, *overrides: str):
+    cfg = compose_config(
+        "run",
+        [
+            f"family.dir={family}", "sampling.num_samples=6", "sampling.batch_size=4", "sampling.num_steps=20",
+            "sampling.seq_len=16", "eval.batch_size=4", "logger.mode=disabled", "device=cpu", *overrides,
+        ],
+    )
+    with open_dict(cfg):
+        cfg.run_dir = str(run_dir)
+    return cfg
+
+
+def test_run_writes_results_samples_and_schedule(tiny_family: Path, tmp_path: Path) -> None:
+    results = run(run_config(tiny_family, tmp_path, "policy=static_sandwich", "policy.light_fraction=0.5"))
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert all(field in saved for field in RESULT_FIELDS)
+    assert saved["gen_ppl"]["mean"] > 1 and saved["gen_ppl"]["ci95"] > 0
+    assert saved["flops"]["saved_nominal"] == pytest.approx(0.5 * (2 - 1) / 2)
+    assert 0 < saved["flops"]["saved_executed"] < 0.5
+    assert "gen_ppl_paired_diff" in saved and saved["speedup_vs_all_heavy"] > 0  # baseline sampled in-run
+    samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert [s["seed"] for s in samples] == list(range(6))
+    assert (tmp_path / "schedule.png").stat().st_size > 1000
+    assert results["forwards"]["heavy"] > 0 and results["forwards"]["light"] > 0
+
+
+def test_policies_share_seeds_and_compare(tiny_family: Path, tmp_path: Path) -> None:
+    for policy in ("static_heavy", "static_light"):
+        run(run_config(tiny_family, tmp_path / policy, f"policy={policy}", "eval.compare_to_heavy=false"))
+    heavy, light = (json.loads((tmp_path / p / "results.json").read_text()) for p in ("static_heavy", "static_light"))
+    assert heavy["flops"]["saved_executed"] == 0 and light["flops"]["saved_nominal"] == pytest.approx(0.5)
+    rows = table_rows(load_rows(find_results([tmp_path])))
+    assert [row["label"] for row in rows] == ["static_heavy", "static_light"]
+
+
+def test_prefix_mode_keeps_the_prompt(tiny_family: Path, tmp_path: Path, tiny_corpus: dict[str, str]) -> None:
+    cfg = run_config(
+        tiny_family, tmp_path, "sampling.prefix_len=4", "eval.compare_to_heavy=false", "data=text_files",
+        f"data.corpus.train_files=[{tiny_corpus['train']}]", f"data.corpus.validation_files=[{tiny_corpus['validation']}]",
+        "data.seq_len=16", f"paths.cache={tmp_path / 'cache'}",
+    )
+    run(cfg)
+    samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert all(sample["prompt"] for sample in samples)
+
+
+def run_cli(*overrides: str) -> subprocess.CompletedProcess:
+    env = os.environ | {"WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, str(ROOT / "experiments" / "run.py"), *overrides], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["policy=fancy"], "unknown policy 'fancy'; choose one of: static_heavy, static_light"),
+        (["policy=static_segments", "policy.spec='L100,Q800,L100'"], "invalid segment 'Q800'"),
+        (["policy=static_sandwich", "policy.light_fraction=2"], "policy.light_fraction=2"),
+    ],
+)
+def test_cli_rejects_bad_values_with_one_line(overrides: list[str], expected: str, tmp_path: Path) -> None:
+    result = run_cli(*overrides, f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 2, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and expected in last and "Traceback" not in result.stderr
