@@ -53,6 +53,19 @@ def resume_checkpoint(checkpoint_dir: Path, resume: bool) -> str | None:
     return str(last)
 
 
+def restore_best(module: LanguageModelModule, best_path: str) -> int:
+    """Load the (EMA) weights of the best validation checkpoint into ``module``; returns its step.
+
+    Long runs on a small corpus end past their best validation loss; shipping the best keeps them honest.
+    Without a best checkpoint (no validation ran) the final weights stay.
+    """
+    if not best_path:
+        return module.trainer.global_step
+    checkpoint = torch.load(best_path, map_location="cpu", weights_only=False)
+    module.load_state_dict(checkpoint["state_dict"])  # WeightAveraging saves the averaged weights here
+    return int(checkpoint["global_step"])
+
+
 def command_line() -> str:
     """The command that reproduces this run (its Hydra overrides, when run through Hydra)."""
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
@@ -75,14 +88,18 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     checkpoint_dir = run_dir / "checkpoints"
     ckpt_path = resume_checkpoint(checkpoint_dir, cfg.resume)
+    best = ModelCheckpoint(dirpath=checkpoint_dir, filename="best", monitor=f"val/{objective.metric}", mode="min", save_top_k=1)
     callbacks = [
         EMAWeightAveraging(decay=cfg.ema_decay),
         ModelCheckpoint(dirpath=checkpoint_dir, save_last=True, every_n_train_steps=cfg.checkpoint_every_n_steps),
+        best,
         LearningRateMonitor(logging_interval="step"),
     ]
     if cfg.trainer.enable_progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=10))  # plain text: readable in logs and on clusters
-    loggers = [instantiate(cfg.logger), CSVLogger(run_dir, name="metrics", version="")]  # CSV: curves offline too
+    loggers = [CSVLogger(run_dir, name="metrics", version="")]  # CSV: curves offline too, and without wandb
+    if cfg.logger.mode != "disabled":
+        loggers.append(instantiate(cfg.logger))
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))  # the W&B config is the whole config
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, default_root_dir=str(run_dir))
@@ -91,10 +108,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     if not trainer.is_global_zero:
         return {}
+    exported_step = restore_best(module, best.best_model_path) if cfg.export_best else trainer.global_step
     metadata = {
         "name": cfg.model.name,
         "command": command_line(),
         "steps": trainer.global_step,
+        "exported_step": exported_step,
         "tokens_seen": module.tokens_seen,
         "train_wall_seconds": round(module.elapsed_seconds(), 1),
         "parameters": sum(p.numel() for p in model.parameters()),
