@@ -3,8 +3,8 @@
 Every step it runs the chosen model on the whole batch, projects every position to the vocabulary and
 draws a token for every masked position, keeping those that reveal. Like MDLM's ``ddpm_cache`` it re-uses
 the last prediction while the batch has not changed (and the model, for a time-independent model, is the
-same). It shares ``random_streams`` with ``adasched.sampling.sample`` so the two give identical tokens; it is
-here for tests and benchmarks, not for use.
+same). It shares ``Trajectory`` and ``random_streams`` with ``adasched.sampling`` so the two give identical
+tokens; it is here for tests and benchmarks, not for use.
 """
 
 from __future__ import annotations
@@ -16,8 +16,58 @@ import torch
 from adasched.costs import CostMeter
 from adasched.models.dit import MDLMDenoiser
 from adasched.random_streams import TOKEN, uniforms
-from adasched.sampling import SampleOutput, Trajectory, check_sampling_args, mean_entropy_per_row, sample_categorical
+from adasched.sampling import SampleOutput, Trajectory, mean_entropy_per_row, run_policy, sample_categorical
 from policies.base import ENTROPY, Policy
+
+
+class ReferenceTrajectory(Trajectory):
+    """Full forwards and full projections on every row, with MDLM's cache while nothing changes."""
+
+    _cached_logits: torch.Tensor | None = None  # (B, L, V) of the last forwards, while still valid
+    _cached_action: torch.Tensor | None = None
+    _probe_logits: torch.Tensor | None = None  # (B, L, V) of the probe model at this step
+
+    def full_logits(self, model_index: int, rows: torch.Tensor, t: float) -> torch.Tensor:
+        everywhere = torch.ones(len(rows), self.tokens.shape[1], dtype=torch.bool, device=self.device)
+        return self.forward(model_index, rows, self.row_times(t), everywhere).view(len(rows), self.tokens.shape[1], -1)
+
+    def probe(self, reveal: torch.Tensor, t: float) -> torch.Tensor:
+        everyone = torch.arange(self.batch_size, device=self.device)
+        self._probe_logits = self.full_logits(self.probe_model, everyone, t)
+        owner = everyone.repeat_interleave(reveal.sum(1))
+        return mean_entropy_per_row(torch.softmax(self._probe_logits[reveal].double(), -1), owner, self.batch_size)
+
+    def cache_is_valid(self, action: torch.Tensor) -> bool:
+        time_dependent = any(self.models[m].config.time_conditioning for m in action.unique().tolist())
+        return self._cached_logits is not None and torch.equal(action, self._cached_action) and not time_dependent
+
+    def denoise(self, reveal: torch.Tensor, action: torch.Tensor, t: float) -> torch.Tensor:
+        if not self.cache_is_valid(action):
+            everyone = torch.arange(self.batch_size, device=self.device)
+            logits = None
+            for model_index in action.unique().tolist():
+                rows = everyone[action == model_index]
+                if self._probe_logits is not None and model_index == self.probe_model:
+                    part = self._probe_logits[rows]  # the probe already ran this model on these rows
+                else:
+                    part = self.full_logits(model_index, rows, t)
+                if logits is None:
+                    logits = torch.empty(self.batch_size, *part.shape[1:], dtype=part.dtype, device=self.device)
+                logits[rows] = part
+            self._cached_logits, self._cached_action = logits, action
+        self._probe_logits = None
+        masked = self.masked
+        u = uniforms(self.seeds, self.step, self.positions, TOKEN)
+        drawn, probs = sample_categorical(self._cached_logits[masked], u[masked], self.top_p)
+        keep = reveal[masked]  # which of the masked positions' draws reveal now
+        self.write(reveal, drawn[keep])
+        entropy = self.nan_per_row()
+        if ENTROPY in self.features and keep.any():
+            owner = torch.arange(self.batch_size, device=self.device).repeat_interleave(masked.sum(1))[keep]
+            entropy = mean_entropy_per_row(probs[keep], owner, self.batch_size)
+        if reveal.any():
+            self._cached_logits = None  # the batch changed: MDLM's cache is dropped
+        return entropy
 
 
 @torch.inference_mode()
@@ -34,43 +84,5 @@ def reference_sample(
     on_step: Callable[[int], None] | None = None,
 ) -> SampleOutput:
     """Same contract as ``adasched.sampling.sample``."""
-    check_sampling_args(models, num_steps, seq_len, top_p, prefix)
-    path = Trajectory(models, seeds, num_steps, seq_len, prefix, budget)
-    policy.reset(len(seeds), num_steps, len(models), seed=int(seeds[0]))
-    batch = len(seeds)
-    everyone = torch.arange(batch, device=path.device)
-    cached_logits: torch.Tensor | None = None
-    cached_action: torch.Tensor | None = None
-    for step in range(num_steps):
-        reveal = path.reveals(step)
-        state, action = path.decide(policy, step, reveal, meter)
-        reusable = (
-            cached_logits is not None
-            and torch.equal(action, cached_action)
-            and not any(models[m].config.time_conditioning for m in action.unique().tolist())
-        )
-        if not reusable:
-            dtype = next(models[0].parameters()).dtype
-            cached_logits = torch.empty(batch, seq_len, models[0].config.vocab_size, dtype=dtype, device=path.device)
-            t = torch.full((batch,), state.t, device=path.device)
-            for model_index in action.unique().tolist():
-                rows = everyone[action == model_index]
-                with meter.timed(model_index, path.device):
-                    cached_logits[rows] = models[model_index].project(models[model_index].hidden_states(path.tokens[rows], t[rows]))
-                path.charge(meter, model_index, rows, torch.full((len(rows),), seq_len, device=path.device))
-            cached_action = action
-        masked = path.masked
-        u = uniforms(seeds, step, path.positions, TOKEN)
-        drawn, probs = sample_categorical(cached_logits[masked], u[masked], top_p)
-        keep = reveal[masked]  # which of the masked positions' draws reveal now
-        path.write(step, reveal, drawn[keep])
-        entropy = torch.full((batch,), float("nan"), dtype=torch.float64, device=path.device)
-        if ENTROPY in policy.features and keep.any():
-            owner = everyone.repeat_interleave(masked.sum(1))[keep]
-            entropy = mean_entropy_per_row(probs[keep], owner, batch)
-        if reveal.any():
-            cached_logits = None  # the batch changed: MDLM's cache is dropped
-        path.finish(policy, state, action, reveal, entropy)
-        if on_step is not None:
-            on_step(1)  # progress: the caller's bar advances one step
-    return path.output()
+    path = ReferenceTrajectory(models, seeds, num_steps, seq_len, meter, prefix, top_p, budget, policy.features, policy.probe_model)
+    return run_policy(path, policy, on_step)

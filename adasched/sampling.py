@@ -10,6 +10,7 @@ sampler (``adasched.reference_sampler``) produces the same tokens from the same 
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -19,7 +20,7 @@ from adasched.costs import CostMeter
 from adasched.errors import ConfigError
 from adasched.models.dit import MDLMDenoiser
 from adasched.random_streams import REVEAL, TOKEN, uniforms
-from policies.base import ENTROPY, DenoiseState, Policy, StepOutput
+from policies.base import ENTROPY, PROBE_ENTROPY, DenoiseState, Policy, StepOutput
 
 
 @dataclass
@@ -66,29 +67,60 @@ def mean_entropy_per_row(probs: torch.Tensor, rows: torch.Tensor, batch_size: in
     return total / count  # NaN where a row had no positions
 
 
-class Trajectory:
-    """The state both samplers share: tokens, masks, per-row costs, what the policy sees each step."""
+class Trajectory(ABC):
+    """One batch being denoised, one step at a time: ``begin_step`` -> policy decides -> ``advance``.
 
-    def __init__(self, models: Sequence[MDLMDenoiser], seeds: torch.Tensor, num_steps: int, seq_len: int, prefix: torch.Tensor | None, budget: float | None) -> None:
-        self.models, self.seeds, self.num_steps, self.budget = models, seeds, num_steps, budget
-        device = next(models[0].parameters()).device
-        self.device = device
+    The state, the random numbers, the costs and the policy's features are shared; how the chosen models
+    produce the revealed tokens is the subclass's (fast here, MDLM's way in ``adasched.reference_sampler``).
+    Stepping from outside the loop is what lets a gymnasium environment drive the same sampler.
+    """
+
+    def __init__(
+        self,
+        models: Sequence[MDLMDenoiser],
+        seeds: torch.Tensor,
+        num_steps: int,
+        seq_len: int,
+        meter: CostMeter,
+        prefix: torch.Tensor | None = None,
+        top_p: float = 1.0,
+        budget: float | None = None,
+        features: frozenset[str] = frozenset(),
+        probe_model: int | None = None,
+    ) -> None:
+        check_sampling_args(models, num_steps, seq_len, top_p, prefix)
+        if PROBE_ENTROPY in features and not (probe_model is not None and 0 <= probe_model < len(models)):
+            raise ConfigError(f"probe_model={probe_model!r} must name a family member in [0, {len(models)})")
+        self.models, self.seeds, self.num_steps, self.meter = models, seeds, num_steps, meter
+        self.top_p, self.budget, self.features, self.probe_model = top_p, budget, features, probe_model
+        self.device = next(models[0].parameters()).device
         batch = len(seeds)
         self.mask_id = models[0].config.mask_token_id
-        self.tokens = torch.full((batch, seq_len), self.mask_id, dtype=torch.long, device=device)
-        self.reveal_step = torch.full((batch, seq_len), -1, dtype=torch.long, device=device)
+        self.tokens = torch.full((batch, seq_len), self.mask_id, dtype=torch.long, device=self.device)
+        self.reveal_step = torch.full((batch, seq_len), -1, dtype=torch.long, device=self.device)
         self.prefix_len = 0 if prefix is None else prefix.shape[1]
         if prefix is not None:
-            self.tokens[:, : self.prefix_len] = prefix.to(device)
-        self.positions = torch.arange(seq_len, device=device)
-        self.row_flops = torch.zeros(batch, dtype=torch.float64, device=device)
-        self.last_action = torch.full((batch,), -1, dtype=torch.long, device=device)
-        self.last_entropy = torch.full((batch,), float("nan"), dtype=torch.float64, device=device)
+            self.tokens[:, : self.prefix_len] = prefix.to(self.device)
+        self.positions = torch.arange(seq_len, device=self.device)
+        self.row_flops = torch.zeros(batch, dtype=torch.float64, device=self.device)
+        self.last_action = torch.full((batch,), -1, dtype=torch.long, device=self.device)
+        self.last_entropy = torch.full((batch,), float("nan"), dtype=torch.float64, device=self.device)
         self.full_forward_flops = tuple(float(m.flops_per_forward(seq_len, seq_len)) for m in models)
         trunk = [m.flops_per_forward(seq_len, 0) for m in models]
-        self._trunk_flops = torch.tensor(trunk, dtype=torch.float64, device=device)
-        self._flops_per_projection = torch.tensor([m.flops_per_forward(seq_len, 1) - f for m, f in zip(models, trunk)], dtype=torch.float64, device=device)
+        self._trunk_flops = torch.tensor(trunk, dtype=torch.float64, device=self.device)
+        self._flops_per_projection = torch.tensor([m.flops_per_forward(seq_len, 1) - f for m, f in zip(models, trunk)], dtype=torch.float64, device=self.device)
         self.actions: list[torch.Tensor] = []
+        self.step = 0
+        self._reveal: torch.Tensor | None = None
+        self._state: DenoiseState | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.seeds)
+
+    @property
+    def done(self) -> bool:
+        return self.step == self.num_steps
 
     @property
     def masked(self) -> torch.Tensor:
@@ -102,43 +134,132 @@ class Trajectory:
         u = uniforms(self.seeds, step, self.positions, REVEAL)
         return self.masked & (u < 1.0 / (self.num_steps - step))
 
-    def state(self, step: int, reveal: torch.Tensor) -> DenoiseState:
-        t, s = self.times(step)
+    def row_times(self, t: float) -> torch.Tensor:
+        return torch.full((self.batch_size,), t, device=self.device)
+
+    def begin_step(self) -> DenoiseState:
+        """Draw which positions reveal now, compute the features the policy asked for, and return the state."""
+        if self.done:
+            raise RuntimeError(f"the trajectory has finished all {self.num_steps} steps")
+        t, s = self.times(self.step)
+        reveal = self.reveals(self.step)
         generated = self.tokens.shape[1] - self.prefix_len
-        return DenoiseState(
-            step=step, num_steps=self.num_steps, t=t, s=s,
+        extras = {PROBE_ENTROPY: self.probe(reveal, t)} if PROBE_ENTROPY in self.features else {}
+        self._reveal = reveal
+        self._state = DenoiseState(
+            step=self.step, num_steps=self.num_steps, t=t, s=s,
             mask_fraction=self.masked.sum(1).double() / generated, reveal_count=reveal.sum(1),
             flops=self.row_flops.clone(), model_flops=self.full_forward_flops, budget=self.budget,
             last_action=self.last_action.clone(), last_entropy=self.last_entropy.clone(), seeds=self.seeds,
+            extras=extras,
         )
+        return self._state
 
-    def decide(self, policy: Policy, step: int, reveal: torch.Tensor, meter: CostMeter) -> tuple[DenoiseState, torch.Tensor]:
-        state = self.state(step, reveal)
-        action = policy.act(state).to(self.device)
-        meter.record_decisions(action)
+    def advance(self, action: torch.Tensor) -> StepOutput:
+        """Run the chosen model of every row (``action``, (B,) indices) for the step ``begin_step`` opened."""
+        if self._state is None or self._reveal is None:
+            raise RuntimeError("advance() needs begin_step() first")
+        action = action.to(self.device)
+        if action.shape != (self.batch_size,) or int(action.min()) < 0 or int(action.max()) >= len(self.models):
+            raise ValueError(f"action must hold {self.batch_size} model indices in [0, {len(self.models)}), got {action.tolist()}")
+        self.meter.record_decisions(action)
         self.actions.append(action)
-        return state, action
+        reveal = self._reveal
+        entropy = self.denoise(reveal, action, self._state.t)
+        ran = reveal.any(1)
+        self.last_action = torch.where(ran, action, self.last_action)
+        self.last_entropy = torch.where(ran, entropy, self.last_entropy)
+        self.step += 1
+        self._state = self._reveal = None
+        return StepOutput(revealed=reveal.sum(1), entropy=entropy)
 
-    def charge(self, meter: CostMeter, model: int, rows: torch.Tensor, projected: torch.Tensor) -> None:
+    @abstractmethod
+    def probe(self, reveal: torch.Tensor, t: float) -> torch.Tensor:
+        """(B,) mean entropy of the probe model's prediction at the positions revealing now (NaN where none)."""
+
+    @abstractmethod
+    def denoise(self, reveal: torch.Tensor, action: torch.Tensor, t: float) -> torch.Tensor:
+        """Write the revealed tokens; returns (B,) mean entropy of the draws (NaN where none or not wanted)."""
+
+    def forward(self, model_index: int, rows: torch.Tensor, t: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Logits of model ``model_index`` for ``rows`` at the (len(rows), L) ``positions``, timed and charged."""
+        model = self.models[model_index]
+        with self.meter.timed(model_index, self.device):
+            logits = model.project(model.hidden_states(self.tokens[rows], t[rows])[positions])
+        self.charge(model_index, rows, positions.sum(1))
+        return logits
+
+    def charge(self, model: int, rows: torch.Tensor, projected: torch.Tensor) -> None:
         """Count one forward of ``model`` over ``rows``, each projecting ``projected`` positions."""
         flops = self._trunk_flops[model] + self._flops_per_projection[model] * projected
         baseline = self._trunk_flops[0] + self._flops_per_projection[0] * projected
         self.row_flops[rows] += flops
-        meter.add_forward(model, len(rows), float(flops.sum()), float(baseline.sum()))
+        self.meter.add_forward(model, len(rows), float(flops.sum()), float(baseline.sum()))
 
-    def write(self, step: int, reveal: torch.Tensor, drawn: torch.Tensor) -> None:
+    def write(self, reveal: torch.Tensor, drawn: torch.Tensor) -> None:
         """Put the tokens ``drawn`` (in row-major order of ``reveal``) at the revealed positions."""
         self.tokens[reveal] = drawn
-        self.reveal_step[reveal] = step
+        self.reveal_step[reveal] = self.step
 
-    def finish(self, policy: Policy, state: DenoiseState, action: torch.Tensor, reveal: torch.Tensor, entropy: torch.Tensor) -> None:
-        ran = reveal.any(1)
-        self.last_action = torch.where(ran, action, self.last_action)
-        self.last_entropy = torch.where(ran, entropy, self.last_entropy)
-        policy.observe(state, action, StepOutput(revealed=reveal.sum(1), entropy=entropy))
+    def nan_per_row(self) -> torch.Tensor:
+        return torch.full((self.batch_size,), float("nan"), dtype=torch.float64, device=self.device)
 
     def output(self) -> SampleOutput:
         return SampleOutput(self.tokens, self.reveal_step, torch.stack(self.actions))
+
+
+class FastTrajectory(Trajectory):
+    """adasched's sampler: a model runs only on rows that reveal, and projects only the revealed positions."""
+
+    _probe_logits: tuple[torch.Tensor, torch.Tensor] | None = None  # (owner row per position, logits)
+
+    def probe(self, reveal: torch.Tensor, t: float) -> torch.Tensor:
+        entropy = self.nan_per_row()
+        self._probe_logits = None
+        rows = torch.nonzero(reveal.any(1)).squeeze(1)
+        if len(rows):
+            logits = self.forward(self.probe_model, rows, self.row_times(t), reveal[rows])
+            owner = rows.repeat_interleave(reveal[rows].sum(1))
+            entropy[rows] = mean_entropy_per_row(torch.softmax(logits.double(), -1), owner, self.batch_size)[rows]
+            self._probe_logits = (owner, logits)
+        return entropy
+
+    def denoise(self, reveal: torch.Tensor, action: torch.Tensor, t: float) -> torch.Tensor:
+        entropy = self.nan_per_row()
+        active = reveal.any(1)
+        if not active.any():
+            return entropy
+        u = uniforms(self.seeds, self.step, self.positions, TOKEN)
+        times = self.row_times(t)
+        for model_index in action[active].unique().tolist():
+            rows = torch.nonzero(active & (action == model_index)).squeeze(1)
+            group = torch.zeros_like(active).index_fill_(0, rows, True)
+            group_reveal = reveal & group[:, None]  # row-major order of its True entries = order of `drawn`
+            if self._probe_logits is not None and model_index == self.probe_model:
+                owner, probe_logits = self._probe_logits
+                logits = probe_logits[group[owner]]  # the probe already ran this model here: reuse it
+            else:
+                logits = self.forward(model_index, rows, times, reveal[rows])
+            drawn, probs = sample_categorical(logits, u[group_reveal], self.top_p)
+            self.write(group_reveal, drawn)
+            if ENTROPY in self.features:
+                counts = reveal[rows].sum(1)
+                owner = torch.repeat_interleave(torch.arange(len(rows), device=self.device), counts)
+                entropy[rows] = mean_entropy_per_row(probs, owner, len(rows))
+        self._probe_logits = None
+        return entropy
+
+
+def run_policy(path: Trajectory, policy: Policy, on_step: Callable[[int], None] | None = None) -> SampleOutput:
+    """The sampling loop: the trajectory owns the math and the costs, the policy only decides."""
+    policy.reset(path.batch_size, path.num_steps, len(path.models), seed=int(path.seeds[0]))
+    while not path.done:
+        state = path.begin_step()
+        action = policy.act(state)
+        policy.observe(state, action, path.advance(action))
+        if on_step is not None:
+            on_step(1)  # progress: the caller's bar advances one step
+    return path.output()
 
 
 @torch.inference_mode()
@@ -155,32 +276,5 @@ def sample(
     on_step: Callable[[int], None] | None = None,
 ) -> SampleOutput:
     """Generate one batch (one row per seed) with ``policy`` choosing among ``models`` (0 = heavy)."""
-    check_sampling_args(models, num_steps, seq_len, top_p, prefix)
-    path = Trajectory(models, seeds, num_steps, seq_len, prefix, budget)
-    policy.reset(len(seeds), num_steps, len(models), seed=int(seeds[0]))
-    want_entropy = ENTROPY in policy.features
-    for step in range(num_steps):
-        reveal = path.reveals(step)
-        state, action = path.decide(policy, step, reveal, meter)
-        entropy = torch.full((len(seeds),), float("nan"), dtype=torch.float64, device=path.device)
-        active = reveal.any(1)
-        if active.any():
-            u = uniforms(seeds, step, path.positions, TOKEN)
-            t = torch.full((len(seeds),), state.t, device=path.device)
-            for model_index in action[active].unique().tolist():
-                rows = torch.nonzero(active & (action == model_index)).squeeze(1)
-                model, group = models[model_index], torch.zeros_like(active).index_fill_(0, rows, True)
-                group_reveal = reveal & group[:, None]  # row-major order of its True entries = order of `drawn`
-                with meter.timed(model_index, path.device):
-                    hidden = model.hidden_states(path.tokens[rows], t[rows])[reveal[rows]]
-                    drawn, probs = sample_categorical(model.project(hidden), u[group_reveal], top_p)
-                path.write(step, group_reveal, drawn)
-                counts = reveal[rows].sum(1)
-                path.charge(meter, model_index, rows, counts)
-                if want_entropy:
-                    owner = torch.repeat_interleave(torch.arange(len(rows), device=path.device), counts)
-                    entropy[rows] = mean_entropy_per_row(probs, owner, len(rows))
-        path.finish(policy, state, action, reveal, entropy)
-        if on_step is not None:
-            on_step(1)  # progress: the caller's bar advances one step
-    return path.output()
+    path = FastTrajectory(models, seeds, num_steps, seq_len, meter, prefix, top_p, budget, policy.features, policy.probe_model)
+    return run_policy(path, policy, on_step)

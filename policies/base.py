@@ -18,7 +18,10 @@ import torch
 from adasched.errors import ConfigError
 
 ENTROPY = "entropy"  # mean predictive entropy (nats) over the positions a row revealed at its last forward
-KNOWN_FEATURES = frozenset({ENTROPY})
+# Entropy of ``probe_model``'s prediction at the positions revealing *now*, in ``state.extras``: the probe
+# forward is run (and charged) before ``act``; rows that then choose the probe model reuse it for free.
+PROBE_ENTROPY = "probe_entropy"
+KNOWN_FEATURES = frozenset({ENTROPY, PROBE_ENTROPY})
 
 
 @dataclass
@@ -58,6 +61,7 @@ class Policy(ABC):
     name: ClassVar[str]
     features: ClassVar[frozenset[str]] = frozenset()
     budget: float | None = None  # target fraction of FLOPs saved; policies without one leave it None
+    probe_model: int | None = None  # the model a PROBE_ENTROPY policy has the sampler run before it decides
 
     def reset(self, batch_size: int, num_steps: int, num_models: int, seed: int = 0) -> None:
         """Start a batch; ``seed`` makes any randomness of the policy reproducible."""
@@ -121,6 +125,7 @@ def synthetic_states(batch_size: int, num_steps: int, num_models: int, seed: int
                 model_flops=tuple(float(12 - 8 * m / max(num_models - 1, 1)) for m in range(num_models)),
                 budget=None, last_action=torch.full((batch_size,), -1), last_entropy=torch.rand(batch_size, generator=generator) * 5,
                 seeds=torch.arange(batch_size),
+                extras={PROBE_ENTROPY: torch.rand(batch_size, generator=generator, dtype=torch.float64) * 5},
             )
         )
         remaining = remaining - reveal
@@ -142,7 +147,7 @@ def check_policy(policy: Policy, num_models: int = 2, batch_size: int = 8, num_s
             assert action.shape == (batch_size,), f"{policy.name}: action shape {tuple(action.shape)} != ({batch_size},)"
             assert action.dtype == torch.int64, f"{policy.name}: action dtype {action.dtype} != torch.int64"
             assert 0 <= int(action.min()) and int(action.max()) < num_models, f"{policy.name}: action out of [0, {num_models})"
-            policy.observe(state, action, StepOutput(revealed=state.reveal_count, entropy=torch.rand(batch_size)))
+            policy.observe(state, action, StepOutput(revealed=state.reveal_count, entropy=torch.rand(batch_size, dtype=torch.float64)))
             actions.append(action)
         runs.append(torch.stack(actions))
     assert torch.equal(runs[0], runs[1]), f"{policy.name}: two runs with seed {seed} chose different models"

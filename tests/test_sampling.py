@@ -14,7 +14,7 @@ from adasched.models import DenoiserConfig, MDLMDenoiser
 from adasched.reference_sampler import reference_sample
 from adasched.sampling import sample, sample_categorical
 from policies import make_policy
-from policies.base import DenoiseState, Policy
+from policies.base import ENTROPY, PROBE_ENTROPY, DenoiseState, Policy
 
 VOCAB, MASK = 30, 29
 
@@ -41,6 +41,18 @@ class ByRowParity(Policy):
 
     def act(self, state: DenoiseState) -> torch.Tensor:
         return state.seeds.remainder(2).to(torch.int64)
+
+
+class EscalateUncertainRows(Policy):
+    """Probe with the light model; rows whose probe entropy is above the batch median go to the heavy one."""
+
+    name = "escalate_uncertain_rows"
+    features = frozenset({PROBE_ENTROPY, ENTROPY})
+    probe_model = 1
+
+    def act(self, state: DenoiseState) -> torch.Tensor:
+        entropy = state.extras[PROBE_ENTROPY]
+        return torch.where(entropy > entropy.nanmedian(), 0, 1).to(torch.int64)
 
 
 POLICIES = [
@@ -76,6 +88,18 @@ def test_identical_with_mixed_models_in_a_batch_prefix_and_top_p() -> None:
     assert torch.equal(runs[0].tokens, runs[1].tokens)
     assert torch.equal(runs[0].tokens[:, :4], prefix)
     assert (runs[0].reveal_step[:, :4] == -1).all() and (runs[0].reveal_step[:, 4:] >= 0).all()
+
+
+def test_identical_when_a_probe_decides_and_the_probe_is_reused() -> None:
+    models = family()
+    seeds = torch.arange(16)
+    fast_meter = meter(models)
+    runs = [sampler(models, EscalateUncertainRows(), seeds, 40, 16, m) for sampler, m in ((sample, fast_meter), (reference_sample, meter(models)))]
+    assert torch.equal(runs[0].tokens, runs[1].tokens) and torch.equal(runs[0].actions, runs[1].actions)
+    assert set(runs[0].actions.unique().tolist()) == {0, 1}
+    # the probe runs the light model on every row that reveals; rows staying light reuse it: no second forward
+    light_rows_probed = fast_meter.forwards[1]
+    assert light_rows_probed == int((runs[0].reveal_step[:, :, None] == torch.arange(40)).any(1).sum())
 
 
 def test_rows_do_not_depend_on_their_batch_company() -> None:
