@@ -78,6 +78,12 @@ class Policy(ABC):
         """Learn from the step's outcome; static policies ignore it."""
 
 
+def check_budget(budget: float) -> None:
+    """A budget is the fraction of executed FLOPs to save against all-heavy: strictly between 0 and 1."""
+    if not 0.0 < budget < 1.0:
+        raise ConfigError(f"budget={budget} is invalid; it must lie in (0, 1) (the fraction of FLOPs to save)")
+
+
 PolicyType = TypeVar("PolicyType", bound=type[Policy])
 _REGISTRY: dict[str, type[Policy]] = {}
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from adasched.errors import ConfigError
-from policies.base import DenoiseState, Policy, register_policy
+from policies.base import DenoiseState, Policy, check_budget, register_policy
 
 DEFAULT_LETTERS = {"H": 0, "L": 1}
 
@@ -95,11 +95,22 @@ class StaticQuarter(StaticSchedule):
 
 @register_policy("static_sandwich")
 class StaticSandwich(StaticSchedule):
-    """The paper's best static schedule: ``light_fraction`` of the steps light, split over both ends."""
+    """The paper's best static schedule: ``light_fraction`` of the steps light, split over both ends.
 
-    def __init__(self, light_fraction: float = 0.25, light: int = 1) -> None:
+    With a ``budget`` the light fraction is calibrated to it (``adasched.calibration``), so dynamic policies
+    are compared with the sandwich at equal executed FLOPs.
+    """
+
+    knob_range = (0.0, 1.0)
+
+    def __init__(self, light_fraction: float = 0.25, light: int = 1, budget: float | None = None) -> None:
         _check_fraction("light_fraction", light_fraction)
-        self.light_fraction, self.light = light_fraction, light
+        if budget is not None:
+            check_budget(budget)
+        self.light_fraction, self.light, self.budget = light_fraction, light, budget
+
+    def set_knob(self, value: float) -> None:
+        self.light_fraction = value
 
     def schedule(self, num_steps: int) -> torch.Tensor:
         total = _steps(self.light_fraction, num_steps)

@@ -15,6 +15,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from adasched.calibration import Calibratable, Calibration, calibrate, check_disjoint_seeds
 from adasched.costs import CostMeter
 from adasched.errors import ConfigError
 from adasched.evaluation import evaluate_samples, load_evaluator, sample_nll
@@ -50,7 +51,19 @@ def prompts_for(cfg: DictConfig, tokenizer: Any, seeds: torch.Tensor) -> torch.T
 def sample_with(cfg: DictConfig, policy: Policy, models: list, meter: CostMeter, prompts: torch.Tensor | None) -> Generation:
     return generate(
         models, policy, cfg.sampling.num_samples, cfg.sampling.batch_size, cfg.seed, cfg.sampling.num_steps,
-        cfg.sampling.seq_len, meter, prompts=prompts, top_p=cfg.sampling.top_p, budget=cfg.get("budget"),
+        cfg.sampling.seq_len, meter, prompts=prompts, top_p=cfg.sampling.top_p, budget=policy.budget,
+    )
+
+
+def calibrate_to_budget(cfg: DictConfig, policy: Policy, models: list) -> Calibration | None:
+    """Fit a calibratable policy's knob to its budget on the calibration seeds (none of the evaluation's)."""
+    if not isinstance(policy, Calibratable) or policy.budget is None:
+        return None
+    check_disjoint_seeds(cfg.seed, cfg.sampling.num_samples, cfg.calibration.seed, cfg.calibration.num_samples)
+    print(f"calibrating {cfg.policy.name} to save {policy.budget:.1%} of executed FLOPs on {cfg.calibration.num_samples} calibration samples")
+    return calibrate(
+        policy, models, cfg.calibration.num_samples, cfg.sampling.batch_size, cfg.calibration.seed,
+        cfg.sampling.num_steps, cfg.sampling.seq_len, cfg.calibration.tolerance,
     )
 
 
@@ -83,6 +96,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     seeds = cfg.seed + torch.arange(cfg.sampling.num_samples)
     prompts = prompts_for(cfg, tokenizer, seeds)
     evaluator, evaluator_tokenizer = load_evaluator(cfg.eval.ppl_model, device, cfg.eval.tokenizer_path)
+    calibration = calibrate_to_budget(cfg, policy, models)
 
     def sample_and_decode(policy: Policy) -> tuple[Generation, CostMeter, list[str], list[list[int]]]:
         meter = CostMeter(names, depths)
@@ -115,6 +129,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         **meter.summary(),
         "wall_s": {"sampling": generation.wall_s},
     }
+    if calibration is not None:
+        results["calibration"] = {
+            "knob": calibration.knob, "saved_executed": calibration.saved_executed, "target": calibration.target,
+            "seed": cfg.calibration.seed, "num_samples": cfg.calibration.num_samples, "tries": calibration.history,
+        }
     if baseline is not None:
         results["wall_s"]["sampling_all_heavy"] = baseline[0].wall_s
         results["speedup_vs_all_heavy"] = baseline[0].wall_s / generation.wall_s

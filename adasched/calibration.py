@@ -1,0 +1,107 @@
+"""Fit a policy's one knob to a FLOPs budget on calibration seeds, kept apart from the evaluation seeds.
+
+Policies are compared at equal *executed* FLOPs, so a budget means "save this fraction of the FLOPs that
+all-heavy would have executed on the same forwards" (``CostMeter.saved_executed``). A policy opts in by
+exposing a knob whose value moves that saving up monotonically; ``calibrate`` bisects on it by sampling
+with the real models, because for a dynamic policy the saving depends on what the models predict.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+from adasched.costs import CostMeter
+from adasched.errors import ConfigError
+from adasched.generation import generate
+from adasched.models.dit import MDLMDenoiser
+from policies.base import Policy, check_budget
+
+
+@runtime_checkable
+class Calibratable(Protocol):
+    """A policy with a scalar knob; raising it within ``knob_range`` never lowers the FLOPs saved."""
+
+    budget: float | None
+    knob_range: tuple[float, float]
+
+    def set_knob(self, value: float) -> None: ...
+
+
+@dataclass
+class Calibration:
+    """What calibration found: the knob, the saving it gave on the calibration seeds, and every try."""
+
+    knob: float
+    saved_executed: float
+    target: float
+    history: list[tuple[float, float]] = field(default_factory=list)  # (knob, saving) pairs tried
+
+
+def executed_saving(
+    policy: Policy, models: Sequence[MDLMDenoiser], num_samples: int, batch_size: int, base_seed: int, num_steps: int, seq_len: int
+) -> float:
+    """The executed FLOPs saving of ``policy`` on ``num_samples`` samples from ``base_seed`` on."""
+    meter = CostMeter([str(i) for i in range(len(models))], [m.config.n_blocks for m in models])
+    generate(models, policy, num_samples, batch_size, base_seed, num_steps, seq_len, meter, budget=getattr(policy, "budget", None), progress=False)
+    return meter.saved_executed()
+
+
+def calibrate(
+    policy: Calibratable,
+    models: Sequence[MDLMDenoiser],
+    num_samples: int,
+    batch_size: int,
+    base_seed: int,
+    num_steps: int,
+    seq_len: int,
+    tolerance: float = 0.005,
+    max_tries: int = 12,
+) -> Calibration:
+    """Bisect ``policy``'s knob until its executed saving is within ``tolerance`` of ``policy.budget``.
+
+    Leaves the policy set to the best knob found; refuses a budget outside what the knob's range can reach.
+    """
+    if policy.budget is None:
+        raise ConfigError(f"policy {getattr(policy, 'name', policy)!r} has no budget to calibrate to")
+    target = policy.budget
+    check_budget(target)
+
+    def saving_at(knob: float) -> float:
+        policy.set_knob(knob)
+        saved = executed_saving(policy, models, num_samples, batch_size, base_seed, num_steps, seq_len)
+        history.append((knob, saved))
+        return saved
+
+    history: list[tuple[float, float]] = []
+    low, high = policy.knob_range
+    low_saving, high_saving = saving_at(low), saving_at(high)
+    if not low_saving - tolerance <= target <= high_saving + tolerance:
+        raise ConfigError(
+            f"budget={target} is out of reach for policy {getattr(policy, 'name', '?')}: "
+            f"it saves between {low_saving:.3f} and {high_saving:.3f} of the executed FLOPs"
+        )
+    for _ in range(max_tries):
+        knob, saved = min(history, key=lambda pair: abs(pair[1] - target))
+        if abs(saved - target) <= tolerance:
+            break
+        middle = (low + high) / 2
+        if saving_at(middle) < target:
+            low = middle
+        else:
+            high = middle
+    knob, saved = min(history, key=lambda pair: abs(pair[1] - target))
+    policy.set_knob(knob)
+    return Calibration(knob=knob, saved_executed=saved, target=target, history=history)
+
+
+def check_disjoint_seeds(evaluation_seed: int, evaluation_samples: int, calibration_seed: int, calibration_samples: int) -> None:
+    """Refuse calibration seeds that overlap the evaluation seeds: a budget met on them would be fitted, not held."""
+    evaluation = range(evaluation_seed, evaluation_seed + evaluation_samples)
+    calibration = range(calibration_seed, calibration_seed + calibration_samples)
+    if evaluation.start < calibration.stop and calibration.start < evaluation.stop:
+        raise ConfigError(
+            f"calibration.seed={calibration_seed} (x{calibration_samples}) overlaps the evaluation seeds "
+            f"{evaluation.start}..{evaluation.stop - 1}; pick seeds outside them"
+        )
