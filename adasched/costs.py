@@ -33,11 +33,14 @@ class CostMeter:
         n = len(self.names)
         self.flops, self.forwards, self.batched_forwards, self.wall_s = [0.0] * n, [0] * n, [0] * n, [0.0] * n
 
-    def add_forward(self, model: int, rows: int, flops: float, baseline_flops: float) -> None:
+    def add_forward(self, model: int, rows: int, flops: float) -> None:
         self.flops[model] += flops
-        self.baseline_flops += baseline_flops
         self.forwards[model] += rows
         self.batched_forwards[model] += 1
+
+    def add_baseline(self, flops: float) -> None:
+        """What all-heavy would have executed for the same rows and projections (probes excluded)."""
+        self.baseline_flops += flops
 
     @contextmanager
     def timed(self, model: int, device: torch.device) -> Iterator[None]:

@@ -27,13 +27,13 @@ class ReferenceTrajectory(Trajectory):
     _cached_action: torch.Tensor | None = None
     _probe_logits: torch.Tensor | None = None  # (B, L, V) of the probe model at this step
 
-    def full_logits(self, model_index: int, rows: torch.Tensor, t: float) -> torch.Tensor:
+    def full_logits(self, model_index: int, rows: torch.Tensor, t: float, probe: bool = False) -> torch.Tensor:
         everywhere = torch.ones(len(rows), self.tokens.shape[1], dtype=torch.bool, device=self.device)
-        return self.forward(model_index, rows, self.row_times(t), everywhere).view(len(rows), self.tokens.shape[1], -1)
+        return self.forward(model_index, rows, self.row_times(t), everywhere, probe).view(len(rows), self.tokens.shape[1], -1)
 
     def probe(self, reveal: torch.Tensor, t: float) -> torch.Tensor:
         everyone = torch.arange(self.batch_size, device=self.device)
-        self._probe_logits = self.full_logits(self.probe_model, everyone, t)
+        self._probe_logits = self.full_logits(self.probe_model, everyone, t, probe=True)
         owner = everyone.repeat_interleave(reveal.sum(1))
         return mean_entropy_per_row(torch.softmax(self._probe_logits[reveal].double(), -1), owner, self.batch_size)
 
@@ -49,6 +49,7 @@ class ReferenceTrajectory(Trajectory):
                 rows = everyone[action == model_index]
                 if self._probe_logits is not None and model_index == self.probe_model:
                     part = self._probe_logits[rows]  # the probe already ran this model on these rows
+                    self.charge_baseline(torch.full((len(rows),), self.tokens.shape[1], device=self.device))
                 else:
                     part = self.full_logits(model_index, rows, t)
                 if logits is None:

@@ -181,20 +181,26 @@ class Trajectory(ABC):
     def denoise(self, reveal: torch.Tensor, action: torch.Tensor, t: float) -> torch.Tensor:
         """Write the revealed tokens; returns (B,) mean entropy of the draws (NaN where none or not wanted)."""
 
-    def forward(self, model_index: int, rows: torch.Tensor, t: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Logits of model ``model_index`` for ``rows`` at the (len(rows), L) ``positions``, timed and charged."""
+    def forward(self, model_index: int, rows: torch.Tensor, t: torch.Tensor, positions: torch.Tensor, probe: bool = False) -> torch.Tensor:
+        """Logits of model ``model_index`` for ``rows`` at the (len(rows), L) ``positions``, timed and charged.
+
+        A ``probe`` forward is charged to the model but not to the all-heavy baseline: all-heavy would not
+        have probed, so the probe's cost shows up as FLOPs not saved.
+        """
         model = self.models[model_index]
         with self.meter.timed(model_index, self.device):
             logits = model.project(model.hidden_states(self.tokens[rows], t[rows])[positions])
-        self.charge(model_index, rows, positions.sum(1))
+        projected = positions.sum(1)
+        flops = self._trunk_flops[model_index] + self._flops_per_projection[model_index] * projected
+        self.row_flops[rows] += flops
+        self.meter.add_forward(model_index, len(rows), float(flops.sum()))
+        if not probe:
+            self.charge_baseline(projected)
         return logits
 
-    def charge(self, model: int, rows: torch.Tensor, projected: torch.Tensor) -> None:
-        """Count one forward of ``model`` over ``rows``, each projecting ``projected`` positions."""
-        flops = self._trunk_flops[model] + self._flops_per_projection[model] * projected
-        baseline = self._trunk_flops[0] + self._flops_per_projection[0] * projected
-        self.row_flops[rows] += flops
-        self.meter.add_forward(model, len(rows), float(flops.sum()), float(baseline.sum()))
+    def charge_baseline(self, projected: torch.Tensor) -> None:
+        """What model 0 would have cost for rows that produced their tokens, each projecting ``projected``."""
+        self.meter.add_baseline(float((self._trunk_flops[0] + self._flops_per_projection[0] * projected).sum()))
 
     def write(self, reveal: torch.Tensor, drawn: torch.Tensor) -> None:
         """Put the tokens ``drawn`` (in row-major order of ``reveal``) at the revealed positions."""
@@ -218,7 +224,7 @@ class FastTrajectory(Trajectory):
         self._probe_logits = None
         rows = torch.nonzero(reveal.any(1)).squeeze(1)
         if len(rows):
-            logits = self.forward(self.probe_model, rows, self.row_times(t), reveal[rows])
+            logits = self.forward(self.probe_model, rows, self.row_times(t), reveal[rows], probe=True)
             owner = rows.repeat_interleave(reveal[rows].sum(1))
             entropy[rows] = mean_entropy_per_row(torch.softmax(logits.double(), -1), owner, self.batch_size)[rows]
             self._probe_logits = (owner, logits)
@@ -238,6 +244,7 @@ class FastTrajectory(Trajectory):
             if self._probe_logits is not None and model_index == self.probe_model:
                 owner, probe_logits = self._probe_logits
                 logits = probe_logits[group[owner]]  # the probe already ran this model here: reuse it
+                self.charge_baseline(reveal[rows].sum(1))
             else:
                 logits = self.forward(model_index, rows, times, reveal[rows])
             drawn, probs = sample_categorical(logits, u[group_reveal], self.top_p)

@@ -92,7 +92,7 @@ def run_cli(*overrides: str) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
-        (["policy=fancy"], "unknown policy 'fancy'; choose one of: static_heavy, static_light"),
+        (["policy=fancy"], "unknown policy 'fancy'; choose one of: entropy_router"),
         (["policy=static_segments", "policy.spec='L100,Q800,L100'"], "invalid segment 'Q800'"),
         (["policy=static_sandwich", "policy.light_fraction=2"], "policy.light_fraction=2"),
     ],
