@@ -1,0 +1,82 @@
+"""Fit the supervised KL router on all-heavy rollouts:  python experiments/fit_kl_router.py
+
+Rolls out ``num_trajectories`` samples on seeds disjoint from evaluation and calibration, records the
+KL(heavy || light) every ``record_every``-th step, fits the router on most trajectories, reports its error
+on the held-out ones and saves it to ``out_dir`` (where ``policy=kl_router`` reads it).
+"""
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig
+from tqdm.auto import tqdm
+
+from adasched.cli import preflight, user_errors_exit
+from adasched.errors import ConfigError
+from adasched.jobs.run import resolve_device
+from adasched.models.family import load_family
+from adasched.step_statistics import StepRecords, rollout_records
+from policies import kl_router
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+def collect(cfg: DictConfig, models: list, seeds: torch.Tensor) -> StepRecords:
+    """Records of every trajectory, batch by batch, with one progress bar over all their steps."""
+    batches = seeds.split(cfg.batch_size)
+    parts = []
+    with tqdm(total=len(batches) * cfg.num_steps, desc="rollout steps", unit="step") as bar:
+        for batch in batches:
+            parts.append(rollout_records(models, batch, cfg.num_steps, cfg.seq_len, record_every=cfg.record_every, heavy=cfg.heavy, light=cfg.light, on_step=bar.update))
+    return StepRecords.concatenate(parts)
+
+
+def fit_kl_router(cfg: DictConfig) -> dict[str, Any]:
+    """Roll out, fit on the training trajectories, validate on the held-out ones, save; returns the fit metadata."""
+    held_out = round(cfg.validation_fraction * cfg.num_trajectories)
+    if cfg.record_every <= 0 or not 0 < held_out < cfg.num_trajectories:
+        raise ConfigError(
+            f"need record_every > 0 and validation_fraction={cfg.validation_fraction} to hold out between 1 and "
+            f"num_trajectories - 1 of num_trajectories={cfg.num_trajectories} trajectories"
+        )
+    device = resolve_device(cfg.device)
+    family_dir = Path(cfg.family.dir)
+    models = [m.to(device) for m in load_family({name: family_dir / name for name in cfg.family.members}).values()]
+    seeds = cfg.seed + torch.arange(cfg.num_trajectories)
+    start = time.perf_counter()
+    records = collect(cfg, models, seeds)
+    rollout_s = time.perf_counter() - start
+    validation_seeds = seeds[-held_out:]
+    is_validation = torch.isin(records.seed, validation_seeds)
+    start = time.perf_counter()
+    model, metadata = kl_router.fit(records.select(~is_validation), records.select(is_validation), **cfg.fit)
+    metadata |= {
+        "command": " ".join(["python experiments/fit_kl_router.py", *sys.argv[1:]]),
+        "family": {"name": cfg.family.name, "members": list(cfg.family.members), "heavy": cfg.heavy, "light": cfg.light},
+        "behaviour": "static_heavy", "seed": cfg.seed, "num_trajectories": cfg.num_trajectories, "validation_trajectories": held_out,
+        "num_steps": cfg.num_steps, "seq_len": cfg.seq_len, "record_every": cfg.record_every, "device": str(device),
+        "kl_mean": float(records.kl.mean()), "kl_quantiles": {str(q): float(records.kl.quantile(q)) for q in (0.1, 0.5, 0.9)},
+        "rollout_wall_s": rollout_s, "fit_wall_s": time.perf_counter() - start,
+    }
+    kl_router.save(model, cfg.out_dir, metadata)
+    print(
+        f"fitted on {metadata['train_records']} records, validated on {metadata['validation_records']}: "
+        f"MSE of log1p(KL) {metadata['train_mse_initial']:.4f} -> {metadata['train_mse']:.4f} (train), "
+        f"{metadata['validation_mse']:.4f} (validation; its variance {metadata['validation_variance']:.4f}); saved to {cfg.out_dir}"
+    )
+    return metadata
+
+
+@hydra.main(config_path=str(CONFIG_DIR), config_name="fit_kl_router", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    with user_errors_exit():
+        fit_kl_router(cfg)
+
+
+if __name__ == "__main__":
+    preflight(CONFIG_DIR)
+    main()

@@ -1,0 +1,148 @@
+"""The supervised KL router: heavy where a small MLP predicts the light model would depart from it.
+
+The MLP maps a row's state features (``adasched.step_statistics.FEATURE_NAMES``) to log1p of the mean
+KL(heavy || light) over its masked positions, fitted by MSE on all-heavy rollouts
+(``experiments/fit_kl_router.py``); log1p tames the KL's heavy tail without hiding zeros. At each step a
+row runs the heavy model where the predicted KL exceeds ``threshold``, else the light one. The threshold is
+the calibration knob: raising it sends more rows to the light model, so the saving never drops.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from adasched import step_statistics  # a module import: step_statistics imports the policies package too
+from adasched.errors import ConfigError
+from policies.base import ENTROPY, DenoiseState, Policy, check_budget, register_policy
+
+WEIGHTS, METADATA = "router.safetensors", "router.json"
+FIT_COMMAND = "python experiments/fit_kl_router.py"
+
+
+class KLRegressor(nn.Module):
+    """Normalized features -> predicted log1p(KL); the normalization is part of the saved model."""
+
+    def __init__(self, num_features: int, hidden: int, depth: int) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = num_features
+        for _ in range(depth):
+            layers += [nn.Linear(width, hidden), nn.SiLU()]
+            width = hidden
+        self.net = nn.Sequential(*layers, nn.Linear(width, 1))
+        self.register_buffer("mean", torch.zeros(num_features))
+        self.register_buffer("std", torch.ones(num_features))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.net((features - self.mean) / self.std).squeeze(-1)
+
+    def predict_kl(self, features: torch.Tensor) -> torch.Tensor:
+        """Predicted KL (nats), non-negative."""
+        with torch.no_grad():
+            return torch.expm1(self(features)).clamp(min=0.0)
+
+
+def fit(
+    records: step_statistics.StepRecords, validation: step_statistics.StepRecords | None = None, hidden: int = 32, depth: int = 2, steps: int = 400, lr: float = 3e-3, seed: int = 0
+) -> tuple[KLRegressor, dict[str, Any]]:
+    """Full-batch Adam on MSE of log1p(KL); seeded, so the same records give the same router.
+
+    Returns the model and its fit metadata: losses, sizes, the largest and the lower-quartile predicted KL on
+    the training records (the knob's range and the default threshold).
+    """
+    features, target = records.features.float(), torch.log1p(records.kl).float()
+    with torch.random.fork_rng(devices=[]):  # nn.Linear's init draws from the global generator: leave it as it was
+        torch.manual_seed(seed)
+        model = KLRegressor(features.shape[1], hidden, depth)
+    model.mean.copy_(features.mean(0))
+    model.std.copy_(features.std(0).clamp(min=1e-6))
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    initial = mse(model, records)
+    for _ in range(steps):
+        loss = nn.functional.mse_loss(model(features), target)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    predicted = model.predict_kl(features)
+    metadata: dict[str, Any] = {
+        "loss": "mse_log1p_kl", "hidden": hidden, "depth": depth, "steps": steps, "lr": lr, "fit_seed": seed, "train_records": len(records),
+        "train_mse_initial": initial, "train_mse": mse(model, records),
+        "max_predicted_kl": float(predicted.max()), "suggested_threshold": float(predicted.quantile(0.25)),
+    }
+    if validation is not None:
+        variance = torch.log1p(validation.kl).var(unbiased=False).item()  # the MSE of predicting its mean
+        metadata |= {"validation_records": len(validation), "validation_mse": mse(model, validation), "validation_variance": variance}
+    return model, metadata
+
+
+def mse(model: KLRegressor, records: step_statistics.StepRecords) -> float:
+    """MSE of the predicted log1p(KL) on ``records``."""
+    with torch.no_grad():
+        return nn.functional.mse_loss(model(records.features.float()), torch.log1p(records.kl).float()).item()
+
+
+def save(model: KLRegressor, directory: str | Path, metadata: dict[str, Any]) -> None:
+    """Weights as safetensors; features, architecture and fit metadata as JSON beside them."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, directory / WEIGHTS)
+    hidden = model.net[0].out_features
+    depth = (len(model.net) - 1) // 2
+    info = {"feature_names": list(step_statistics.FEATURE_NAMES), "architecture": {"hidden": hidden, "depth": depth},
+            "normalization": {"mean": model.mean.tolist(), "std": model.std.tolist()}, "fit": metadata}
+    (directory / METADATA).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+
+
+def load(directory: str | Path) -> tuple[KLRegressor, dict[str, Any]]:
+    """A router saved by ``save``; a missing folder or one fitted on other features is a one-line ConfigError."""
+    directory = Path(directory)
+    if not (directory / WEIGHTS).is_file() or not (directory / METADATA).is_file():
+        raise ConfigError(f"no fitted KL router at {directory}; create it with: {FIT_COMMAND}")
+    info = json.loads((directory / METADATA).read_text(encoding="utf-8"))
+    if tuple(info["feature_names"]) != step_statistics.FEATURE_NAMES:
+        raise ConfigError(f"the KL router at {directory} was fitted on other features; refit it with: {FIT_COMMAND}")
+    model = KLRegressor(len(step_statistics.FEATURE_NAMES), **info["architecture"])
+    model.load_state_dict(load_file(directory / WEIGHTS))
+    return model.eval(), info
+
+
+@register_policy("kl_router")
+class KLRouter(Policy):
+    """Per row and step: heavy where the predicted KL(heavy || light) > ``threshold``, else light.
+
+    ``threshold=None`` takes the router's suggested one (light on about a quarter of the training steps).
+    With a ``budget`` the threshold is calibrated in (0, the largest predicted KL seen in training).
+    """
+
+    features = frozenset({ENTROPY})
+
+    def __init__(self, path: str, threshold: float | None = None, light: int = 1, heavy: int = 0, budget: float | None = None) -> None:
+        if budget is not None:
+            check_budget(budget)
+        self.model, self.info = load(path)
+        fitted = self.info["fit"]
+        self.threshold = fitted["suggested_threshold"] if threshold is None else float(threshold)
+        self.light, self.heavy, self.budget = light, heavy, budget
+        self.knob_range = (0.0, float(fitted["max_predicted_kl"]))
+        self.previous_mask_fraction: torch.Tensor | None = None
+
+    def set_knob(self, value: float) -> None:
+        self.threshold = value
+
+    def reset(self, batch_size: int, num_steps: int, num_models: int, seed: int = 0) -> None:
+        super().reset(batch_size, num_steps, num_models, seed)
+        if max(self.light, self.heavy) >= num_models:
+            raise ConfigError(f"policy kl_router uses model {max(self.light, self.heavy)} but the family has {num_models}")
+        self.previous_mask_fraction = None
+
+    def act(self, state: DenoiseState) -> torch.Tensor:
+        predicted = self.model.predict_kl(step_statistics.state_features(state, self.previous_mask_fraction))
+        self.previous_mask_fraction = state.mask_fraction
+        return torch.where(predicted > self.threshold, self.heavy, self.light).to(torch.int64)
