@@ -85,5 +85,5 @@ def test_bad_values_and_unknown_names_fail_clearly() -> None:
         make_policy("static_sandwich", light_fraction=1.5)
     with pytest.raises(ConfigError, match="quarter=5"):
         make_policy("static_quarter", quarter=5)
-    with pytest.raises(ConfigError, match="unknown policy 'nope'; registered: static_heavy"):
+    with pytest.raises(ConfigError, match="unknown policy 'nope'; registered: entropy_router, kl_router, learned_router, mask_fraction_router, static_heavy"):
         make_policy("nope")

@@ -1,0 +1,199 @@
+"""``train_router(cfg)``: train the ``learned_router`` with PPO on batched sampling episodes, resumably, and export it.
+
+A plain function (the ``@hydra.main`` wrapper lives in ``experiments/train_router.py``) so tests can call it
+with a composed, shrunken config.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import re
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import stable_baselines3
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+from stable_baselines3 import PPO
+from stable_baselines3.common.callbacks import BaseCallback, CheckpointCallback
+from stable_baselines3.common.logger import KVWriter, Logger, configure
+from stable_baselines3.common.vec_env import VecMonitor
+
+from adasched.env import EpisodeConfig, LagrangeMultiplier, ModelScheduleVecEnv, evaluator_scorer
+from adasched.errors import ConfigError
+from adasched.evaluation import load_evaluator
+from adasched.export import write_json_atomic
+from adasched.jobs.run import resolve_device
+from adasched.jobs.train import LOGGER_MODES
+from adasched.models.family import load_family
+from adasched.tokenizer import load_tokenizer
+from policies.base import check_budget
+from policies.learned import INFO_FILE, ROUTER_FILE, feature_names
+
+CHECKPOINT_PREFIX = "router"
+
+
+def validate(cfg: DictConfig) -> None:
+    """Fail early, on one line, before any model loads."""
+    check_budget(cfg.budget)
+    if cfg.logger.mode not in LOGGER_MODES:
+        raise ConfigError(f"logger.mode={cfg.logger.mode!r} is invalid; choose one of {', '.join(LOGGER_MODES)}")
+    for key in ("torch_threads", "ppo.total_timesteps", "env.num_envs", "checkpoint_every_n_timesteps", "sampling.num_steps"):
+        value = OmegaConf.select(cfg, key)
+        if not isinstance(value, int) or value <= 0:
+            raise ConfigError(f"{key}={value!r} is invalid; it must be a positive integer")
+    if cfg.env.lambda_init < 0 or cfg.env.lambda_lr < 0:
+        raise ConfigError(f"env.lambda_init={cfg.env.lambda_init} and env.lambda_lr={cfg.env.lambda_lr} must be >= 0")
+
+
+class RouterCheckpoint(CheckpointCallback):
+    """SB3's periodic checkpoint plus the Lagrange multiplier, written first so every model has its lambda."""
+
+    def __init__(self, save_freq: int, save_path: Path, multiplier: LagrangeMultiplier) -> None:
+        super().__init__(save_freq, str(save_path), name_prefix=CHECKPOINT_PREFIX)
+        self.multiplier = multiplier
+
+    def _on_step(self) -> bool:
+        if self.n_calls % self.save_freq == 0:
+            Path(self.save_path).mkdir(parents=True, exist_ok=True)
+            write_json_atomic(Path(self._checkpoint_path("lambda_", "json")), {"lambda": self.multiplier.value})
+        return super()._on_step()
+
+
+def save_checkpoint(model: PPO, checkpoint_dir: Path, multiplier: LagrangeMultiplier) -> None:
+    """The final state, so a rerun of a finished run resumes at its end instead of its last periodic save."""
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"{CHECKPOINT_PREFIX}_{{}}{model.num_timesteps}_steps"
+    write_json_atomic(checkpoint_dir / f"{stem.format('lambda_')}.json", {"lambda": multiplier.value})
+    model.save(checkpoint_dir / f"{stem.format('')}.zip")
+
+
+def latest_checkpoint(checkpoint_dir: Path, resume: bool) -> tuple[Path, float] | None:
+    """The newest checkpoint (model, lambda) to continue from; a fresh start never overwrites a run."""
+    steps = [int(m.group(1)) for p in checkpoint_dir.glob(f"{CHECKPOINT_PREFIX}_*_steps.zip") if (m := re.fullmatch(rf"{CHECKPOINT_PREFIX}_(\d+)_steps\.zip", p.name))]
+    if not steps:
+        return None
+    if not resume:
+        raise ConfigError(f"{checkpoint_dir} already holds a run; pass resume=true to continue it or another run_dir to start anew")
+    step = max(steps)
+    saved = json.loads((checkpoint_dir / f"{CHECKPOINT_PREFIX}_lambda_{step}_steps.json").read_text(encoding="utf-8"))
+    return checkpoint_dir / f"{CHECKPOINT_PREFIX}_{step}_steps.zip", float(saved["lambda"])
+
+
+class EpisodeStats(BaseCallback):
+    """Logs each finished batch episode's executed saving, evaluator NLL and lambda (to CSV and W&B)."""
+
+    def _on_step(self) -> bool:
+        info = self.locals["infos"][0]
+        if "saved_executed" in info:
+            for key in ("saved_executed", "nll", "lambda"):
+                self.logger.record(f"router/{key}", info[key])
+        return True
+
+
+class WandbWriter(KVWriter):
+    """Forwards SB3's logged values to a W&B run."""
+
+    def __init__(self, run: Any) -> None:
+        self.run = run
+
+    def write(self, key_values: dict[str, Any], key_excluded: dict[str, Any], step: int = 0) -> None:
+        numbers = {k: float(v) for k, v in key_values.items() if isinstance(v, (int, float, np.number)) and not isinstance(v, bool)}
+        self.run.log(numbers, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def make_logger(cfg: DictConfig, run_dir: Path) -> Logger:
+    """CSV always (curves without wandb); W&B unless ``logger.mode=disabled``, which never imports wandb."""
+    logger = configure(str(run_dir / "metrics"), ["csv"])
+    if cfg.logger.mode != "disabled":
+        import wandb
+
+        run = wandb.init(
+            project=cfg.logger.project, group=cfg.logger.group, name=cfg.logger.name, mode=cfg.logger.mode,
+            dir=str(run_dir), config=OmegaConf.to_container(cfg, resolve=True), reinit="finish_previous",
+        )
+        logger.output_formats.append(WandbWriter(run))
+    return logger
+
+
+def command_line() -> str:
+    """The command that reproduces this run (its Hydra overrides, when run through Hydra)."""
+    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    return " ".join(["python experiments/train_router.py", *overrides])
+
+
+def export_router(model: PPO, export_dir: Path, info: dict[str, Any]) -> Path:
+    """Write the SB3 zip and its JSON (what ``policies.learned.LearnedRouter`` loads)."""
+    export_dir.mkdir(parents=True, exist_ok=True)
+    model.save(export_dir / ROUTER_FILE)
+    write_json_atomic(export_dir / INFO_FILE, info)
+    return export_dir
+
+
+def train_router(cfg: DictConfig) -> dict[str, Any]:
+    """Train PPO against the budget's Lagrangian; returns the JSON written next to the exported router."""
+    validate(cfg)
+    torch.set_num_threads(cfg.torch_threads)
+    device = resolve_device(cfg.device)
+    family_dir, members = Path(cfg.family.dir), list(cfg.family.members)
+    models = [m.to(device) for m in load_family({name: family_dir / name for name in members}).values()]
+    tokenizer = load_tokenizer(cfg.family.tokenizer)
+    evaluator, evaluator_tokenizer = load_evaluator(cfg.eval.ppl_model, device, cfg.eval.tokenizer_path)
+
+    run_dir = Path(cfg.run_dir)
+    checkpoint_dir = run_dir / "checkpoints"
+    latest = latest_checkpoint(checkpoint_dir, cfg.resume)
+    multiplier = LagrangeMultiplier(latest[1] if latest else cfg.env.lambda_init, cfg.env.lambda_lr, cfg.budget)
+    episodes = EpisodeConfig(
+        models, evaluator_scorer(evaluator, evaluator_tokenizer, tokenizer, cfg.eval.batch_size, device),
+        cfg.sampling.num_steps, cfg.sampling.seq_len, cfg.budget, multiplier, cfg.env.quality_weight,
+    )
+    env = ModelScheduleVecEnv(episodes, cfg.env.num_envs, seed=cfg.seed)
+    venv = VecMonitor(env)
+    if latest:
+        print(f"resuming from {latest[0]} (lambda {latest[1]:.4f})")
+        model = PPO.load(latest[0], env=venv, device="cpu")
+    else:
+        ppo = OmegaConf.to_container(cfg.ppo, resolve=True)
+        net_arch, _ = ppo.pop("net_arch"), ppo.pop("total_timesteps")
+        model = PPO("MlpPolicy", venv, policy_kwargs={"net_arch": net_arch}, seed=cfg.seed, device="cpu", **ppo)
+    model.set_logger(make_logger(cfg, run_dir))
+    callbacks = [RouterCheckpoint(max(1, cfg.checkpoint_every_n_timesteps // cfg.env.num_envs), checkpoint_dir, multiplier), EpisodeStats()]
+    started = time.perf_counter()
+    remaining = cfg.ppo.total_timesteps - model.num_timesteps
+    if remaining > 0:
+        model.learn(remaining, callback=callbacks, progress_bar=cfg.progress_bar, reset_num_timesteps=False)
+        save_checkpoint(model, checkpoint_dir, multiplier)
+    model.logger.close()
+
+    info = {
+        "features": feature_names(len(models)),
+        "num_models": len(models),
+        "family": {"name": cfg.family.name, "members": members},
+        "budget": cfg.budget,
+        "lambda": multiplier.value,
+        "last_episode": env.last_summary,  # saved_executed, nll and lambda of the last finished batch episode
+        "num_steps": cfg.sampling.num_steps,
+        "seq_len": cfg.sampling.seq_len,
+        "timesteps": model.num_timesteps,
+        "num_envs": cfg.env.num_envs,
+        "quality_weight": cfg.env.quality_weight,
+        "seed": cfg.seed,
+        "command": command_line(),
+        "train_wall_seconds_this_run": round(time.perf_counter() - started, 1),
+        "trained_on": f"{platform.machine()} {device}",
+        "torch": torch.__version__,
+        "stable_baselines3": stable_baselines3.__version__,
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    export_router(model, Path(cfg.export_dir), info)
+    print(f"exported learned_router to {cfg.export_dir}: {model.num_timesteps} timesteps, lambda {multiplier.value:.4f}, last saving {env.last_summary.get('saved_executed', float('nan')):.3f}")
+    return info

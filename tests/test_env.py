@@ -1,0 +1,154 @@
+"""The router's environments, training job and policy on a tiny family: checkers, rewards, PPO, round trip."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from gymnasium.utils.env_checker import check_env as gymnasium_check_env
+from omegaconf import open_dict
+from stable_baselines3 import PPO
+from stable_baselines3.common.env_checker import check_env as sb3_check_env
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from adasched.env import EpisodeConfig, LagrangeMultiplier, ModelScheduleEnv, ModelScheduleVecEnv, evaluator_scorer
+from adasched.errors import ConfigError
+from adasched.evaluation import load_evaluator
+from adasched.jobs.train_router import train_router
+from adasched.models import DenoiserConfig, MDLMDenoiser
+from adasched.models.family import load_family
+from adasched.sampling import sample
+from adasched.tokenizer import load_tokenizer, train_bpe
+from policies import check_policy, make_policy
+from tests.conftest import compose_config
+from tests.test_sampling import meter
+
+STEPS, SEQ_LEN = 10, 16
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """One CPU thread: on a shared machine, threads contending for cores slow every forward down many times."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_family(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """heavy (2 blocks) + light (1 block) denoisers, an evaluator and a tokenizer, all random and tiny."""
+    root = tmp_path_factory.mktemp("family")
+    tokenizer = train_bpe(["To be, or not to be, that is the question."] * 30, 300)
+    tokenizer.save_pretrained(str(root / "tokenizer"))
+    for name, depth in (("heavy", 2), ("light", 1)):
+        torch.manual_seed(depth)
+        config = DenoiserConfig(vocab_size=len(tokenizer), mask_token_id=tokenizer.mask_token_id, seq_len=SEQ_LEN, n_blocks=depth, d_model=32, n_heads=2)
+        MDLMDenoiser(config).save_pretrained(str(root / name))
+    evaluator = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=32, n_layer=1, n_embd=16, n_head=2))
+    evaluator.save_pretrained(str(root / "ar_evaluator"))
+    return root
+
+
+def episode_config(root: Path, budget: float = 0.25, lam: float = 1.0, quality_weight: float = 1.0) -> EpisodeConfig:
+    models = list(load_family({name: root / name for name in ("heavy", "light")}).values())
+    evaluator, evaluator_tokenizer = load_evaluator(str(root / "ar_evaluator"), "cpu", str(root / "tokenizer"))
+    score = evaluator_scorer(evaluator, evaluator_tokenizer, load_tokenizer(root / "tokenizer"), 8, "cpu")
+    return EpisodeConfig(models, score, STEPS, SEQ_LEN, budget, LagrangeMultiplier(lam, 0.0, budget), quality_weight)
+
+
+def router_config(root: Path, run_dir: Path, *overrides: str):
+    cfg = compose_config(
+        "train_router",
+        [
+            f"family.dir={root}", f"sampling.num_steps={STEPS}", f"sampling.seq_len={SEQ_LEN}", "env.num_envs=4",
+            "ppo.total_timesteps=256", "ppo.n_steps=16", "ppo.batch_size=32", "ppo.n_epochs=2", "ppo.net_arch=[8]",
+            "checkpoint_every_n_timesteps=64", "progress_bar=false", "logger.mode=disabled", "eval.batch_size=8", *overrides,
+        ],
+    )
+    with open_dict(cfg):
+        cfg.run_dir = str(run_dir / "run")
+        cfg.export_dir = str(run_dir / "router")
+    return cfg
+
+
+def test_both_env_checkers_pass(tiny_family: Path) -> None:
+    gymnasium_check_env(ModelScheduleEnv(episode_config(tiny_family)), skip_render_check=True)
+    sb3_check_env(ModelScheduleEnv(episode_config(tiny_family)))
+
+
+def flops_rewards(config: EpisodeConfig, model: int, seed: int = 3) -> tuple[list[float], dict[str, float]]:
+    """Rewards of one episode choosing ``model`` always (quality term off), and its summary."""
+    env = ModelScheduleEnv(config)
+    env.reset(seed=seed)
+    rewards, done, summary = [], False, {}
+    while not done:
+        _, reward, done, _, summary = env.step(model)
+        rewards.append(reward)
+    return rewards, summary
+
+
+def test_all_heavy_costs_nothing_and_all_light_earns_the_saved_flops(tiny_family: Path) -> None:
+    config = episode_config(tiny_family, lam=2.0, quality_weight=0.0)
+    heavy, heavy_summary = flops_rewards(config, 0)
+    light, light_summary = flops_rewards(config, 1)
+    assert heavy == [0.0] * len(heavy) and heavy_summary["saved_executed"] == 0.0
+    assert len(light) == len(heavy) <= STEPS  # same seed: same reveal steps, whatever the models
+    heavy_model, light_model = config.models
+    trunk = [m.flops_per_forward(SEQ_LEN, 0) for m in config.models]
+    per_forward = 2.0 * (trunk[0] - trunk[1]) / heavy_model.flops_per_forward(SEQ_LEN, SEQ_LEN)  # same head: projections cancel
+    assert light == pytest.approx([per_forward] * len(light))
+    assert light_summary["saved_executed"] > 0
+
+
+def test_the_terminal_reward_is_the_evaluator_nll(tiny_family: Path) -> None:
+    rewards, summary = flops_rewards(episode_config(tiny_family, lam=0.0, quality_weight=0.5), 0)
+    assert rewards[:-1] == [0.0] * (len(rewards) - 1) and rewards[-1] == pytest.approx(-0.5 * summary["nll"])
+
+
+def test_the_multiplier_rises_below_the_budget_and_stops_at_zero() -> None:
+    multiplier = LagrangeMultiplier(0.1, 1.0, target=0.25)
+    assert multiplier.update(0.0) == pytest.approx(0.35)
+    assert multiplier.update(1.0) == 0.0
+
+
+def test_vec_env_rows_end_together_and_train_with_ppo(tiny_family: Path) -> None:
+    env = ModelScheduleVecEnv(episode_config(tiny_family), num_envs=4, seed=0)
+    observation = env.reset()
+    assert observation.shape == (4, env.observation_space.shape[0]) and env.observation_space.contains(observation[0])
+    dones = np.zeros(4, dtype=bool)
+    while not dones.any():
+        _, _, dones, infos = env.step(np.array([0, 1, 0, 1]))
+    assert dones.all() and all("terminal_observation" in info and "saved_executed" in info for info in infos)
+    PPO("MlpPolicy", env, n_steps=16, batch_size=32, n_epochs=1, policy_kwargs={"net_arch": [8]}, seed=0, device="cpu").learn(256)
+
+
+def test_train_export_resume_and_the_policy_acts_like_the_router(tiny_family: Path, tmp_path: Path) -> None:
+    info = train_router(router_config(tiny_family, tmp_path))
+    saved = json.loads((tmp_path / "router" / "router.json").read_text())
+    assert saved["timesteps"] == info["timesteps"] >= 256 and saved["budget"] == 0.25 and len(saved["features"]) == 9
+    assert train_router(router_config(tiny_family, tmp_path))["timesteps"] == info["timesteps"]  # resumed at the end
+
+    policy = make_policy("learned_router", path=str(tmp_path / "router"))
+    router = PPO.load(tmp_path / "router" / "router.zip", device="cpu")
+    observations = np.random.default_rng(0).uniform(0, 1, (64, len(saved["features"]))).astype(np.float32)
+    assert np.array_equal(policy.router.predict(observations, deterministic=True)[0], router.predict(observations, deterministic=True)[0])
+    check_policy(policy, num_models=2)
+    models = list(load_family({name: tiny_family / name for name in ("heavy", "light")}).values())
+    output = sample(models, policy, torch.arange(6), num_steps=STEPS, seq_len=SEQ_LEN, meter=meter(models))
+    assert output.actions.shape == (STEPS, 6)
+
+
+def test_missing_router_and_bad_budget_fail_on_one_line(tiny_family: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=f"no trained router in {tmp_path}.*python experiments/train_router.py"):
+        make_policy("learned_router", path=str(tmp_path))
+    with pytest.raises(ConfigError, match="budget=1.5 is invalid"):
+        train_router(router_config(tiny_family, tmp_path, "budget=1.5"))
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "router_64_steps.zip").touch()
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train_router(router_config(tiny_family, tmp_path, "resume=false"))
