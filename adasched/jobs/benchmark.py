@@ -1,0 +1,403 @@
+"""``benchmark(cfg)``: time adasched's sampler against the reference sampler, in one process, and write JSON.
+
+Both samplers run the same models, seeds and schedules, so they do the same denoising and reveal the same
+positions; only the work per step differs. For every size the job reports the samplers' throughput under
+``static_heavy`` and, for each other policy, the wall-clock saving against ``static_heavy`` next to the
+saving the FLOPs count predicts for the same run, because the gap between the two is what a schedule
+really buys on a given machine.
+
+A size either times whole trajectories or a slice: steps [k0, k0 + k) of a ``num_steps`` trajectory
+(``slice_start`` = k0, ``steps_timed`` = k), for models too large to sample 1000 steps of on a CPU. The
+slice starts from a state with round(L * k0 / num_steps) positions revealed, held as a random prefix, and
+runs ``num_steps - k0`` steps, stopped after k. A masked position then reveals with probability
+1 / (num_steps - k0 - j) at step j, exactly as at step k0 + j of the full trajectory, so each timed step
+does the work of the step it stands for (the revealed tokens' values and places change neither sampler's
+work). The policy lays its schedule over the k timed steps as if they were its whole run, so
+``static_sandwich`` still gives a quarter of the timed steps to the light model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from adasched.costs import CostMeter
+from adasched.errors import ConfigError
+from adasched.export import DTYPES, write_json_atomic
+from adasched.generation import Sampler
+from adasched.jobs.run import BASELINE_POLICY, resolve_device
+from adasched.models.dit import DenoiserConfig, MDLMDenoiser
+from adasched.models.family import load_family
+from adasched.reference_sampler import reference_sample
+from adasched.sampling import sample
+from policies import make_policy
+from policies.base import DenoiseState, Policy, StepOutput
+
+SAMPLERS: dict[str, Sampler] = {"fast": sample, "reference": reference_sample}
+
+
+@dataclasses.dataclass
+class Size:
+    """One benchmark setting: a family on a device and what of its trajectories is timed."""
+
+    name: str
+    names: list[str]
+    models: list[MDLMDenoiser]
+    num_steps: int
+    seq_len: int
+    batch_size: int
+    num_samples: int
+    slice_start: int
+    steps_timed: int
+    warmup_steps: int
+
+    @property
+    def whole(self) -> bool:
+        return self.slice_start == 0 and self.steps_timed == self.num_steps
+
+    @property
+    def prefix_len(self) -> int:
+        """Positions revealed before step ``slice_start``, in expectation."""
+        return round(self.seq_len * self.slice_start / self.num_steps)
+
+    @property
+    def num_batches(self) -> int:
+        return -(-self.num_samples // self.batch_size)
+
+
+class SliceDone(Exception):
+    """Ends a sampler after the timed steps: ``sample`` has no stop argument, but it calls ``on_step``."""
+
+
+class OverSlice(Policy):
+    """Gives ``inner`` the timed steps as its whole run; without it a schedule would be laid over the
+    ``num_steps - slice_start`` steps the sampler is started for, and ``static_sandwich`` would time only
+    its light head."""
+
+    def __init__(self, inner: Policy, span: int) -> None:
+        self.inner, self.span = inner, span
+        self.name, self.features, self.budget, self.probe_model = inner.name, inner.features, inner.budget, inner.probe_model
+
+    def reset(self, batch_size: int, num_steps: int, num_models: int, seed: int = 0) -> None:
+        super().reset(batch_size, self.span, num_models, seed)
+        self.inner.reset(batch_size, self.span, num_models, seed)
+
+    def act(self, state: DenoiseState) -> torch.Tensor:
+        return self.inner.act(dataclasses.replace(state, num_steps=self.span))
+
+    def observe(self, state: DenoiseState, action: torch.Tensor, output: StepOutput) -> None:
+        self.inner.observe(dataclasses.replace(state, num_steps=self.span), action, output)
+
+
+def progress_until(steps: int, run_steps: int, bar: tqdm) -> Callable[[int], None]:
+    """An ``on_step`` that advances ``bar`` and raises SliceDone after ``steps`` of the ``run_steps`` steps."""
+    done = 0
+
+    def on_step(count: int) -> None:
+        nonlocal done
+        bar.update(count)
+        done += count
+        if done == steps < run_steps:
+            raise SliceDone
+
+    return on_step
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise ConfigError(f"dtype={name!r} is unknown; choose auto or one of: {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def build_models(spec: DictConfig, seq_len: int, seed: int) -> tuple[list[str], list[MDLMDenoiser]]:
+    """A shipped family (``family``) or random weights of the given shapes (``random_family``); model 0 heavy."""
+    if ("family" in spec) == ("random_family" in spec):
+        raise ConfigError("a benchmark size needs exactly one of `family` (a folder) or `random_family` (shapes)")
+    if "family" in spec:
+        members = list(spec.family.members)
+        family = load_family({name: Path(spec.family.dir) / name for name in members})
+        return members, list(family.values())
+    shape = spec.random_family
+    members = list(shape.members)
+    if len(members) != len(shape.n_blocks):
+        raise ConfigError(f"random_family names {len(members)} members but gives {len(shape.n_blocks)} depths (n_blocks)")
+    torch.manual_seed(seed)
+    common = {"vocab_size": shape.vocab_size, "mask_token_id": shape.mask_token_id, "seq_len": seq_len, "d_model": shape.d_model, "n_heads": shape.n_heads}
+    return members, [MDLMDenoiser(DenoiserConfig(n_blocks=depth, **common)).eval() for depth in shape.n_blocks]
+
+
+def check_size(name: str, spec: DictConfig) -> None:
+    """One-line errors for counts the timing loop would otherwise trip over late, after loading models."""
+    for field in ("num_steps", "seq_len", "batch_size", "num_samples"):
+        if not isinstance(spec[field], int) or spec[field] <= 0:
+            raise ConfigError(f"size.{name}.{field}={spec[field]!r} is invalid; it must be a positive integer")
+    if not 0 <= spec.slice_start < spec.num_steps:
+        raise ConfigError(f"size.{name}.slice_start={spec.slice_start} must lie in [0, {spec.num_steps})")
+    remaining = spec.num_steps - spec.slice_start
+    if spec.steps_timed is not None and not 0 < spec.steps_timed <= remaining:
+        raise ConfigError(f"size.{name}.steps_timed={spec.steps_timed} must lie in [1, {remaining}] (or null: to the end)")
+    if spec.warmup_steps < 0:
+        raise ConfigError(f"size.{name}.warmup_steps={spec.warmup_steps} must be >= 0")
+    if round(spec.seq_len * spec.slice_start / spec.num_steps) >= spec.seq_len:
+        raise ConfigError(f"size.{name}.slice_start={spec.slice_start} leaves no masked position at seq_len={spec.seq_len}")
+
+
+def load_size(name: str, spec: DictConfig, device: torch.device, dtype: torch.dtype, seed: int) -> Size:
+    """Models on ``device`` in ``dtype``; ``spec`` already passed ``check_size``."""
+    names, models = build_models(spec, spec.seq_len, seed)
+    steps_timed = spec.num_steps - spec.slice_start if spec.steps_timed is None else spec.steps_timed
+    return Size(
+        name, names, [model.to(device=device, dtype=dtype) for model in models], spec.num_steps, spec.seq_len,
+        spec.batch_size, spec.num_samples, spec.slice_start, steps_timed, spec.warmup_steps,
+    )
+
+
+def slice_prefix(size: Size, seed: int) -> torch.Tensor | None:
+    """Random non-mask tokens for the positions revealed before the slice (None for a slice from step 0)."""
+    if size.prefix_len == 0:
+        return None
+    config = size.models[0].config
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, config.vocab_size - 1, (size.num_samples, size.prefix_len), generator=generator)
+    return tokens + (tokens >= config.mask_token_id)  # skip the mask id
+
+
+def batches(size: Size, seed: int) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """(seeds, prefix) of every batch, on the models' device: sample i has seed ``seed + i`` under every cell."""
+    device = next(size.models[0].parameters()).device
+    seeds, prefix = seed + torch.arange(size.num_samples), slice_prefix(size, seed)
+    return [
+        (seeds[start : start + size.batch_size].to(device), None if prefix is None else prefix[start : start + size.batch_size].to(device))
+        for start in range(0, size.num_samples, size.batch_size)
+    ]
+
+
+def sample_batch(
+    sampler: Sampler, size: Size, policy: Policy, seeds: torch.Tensor, prefix: torch.Tensor | None, steps: int, meter: CostMeter, bar: tqdm
+) -> float:
+    """Seconds one batch takes for the first ``steps`` steps of the size's run (slices: of its slice)."""
+    run_steps = size.num_steps - size.slice_start
+    if not size.whole:
+        policy = OverSlice(policy, size.steps_timed)
+    device = seeds.device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    try:
+        sampler(size.models, policy, seeds, run_steps, size.seq_len, meter, prefix=prefix, on_step=progress_until(steps, run_steps, bar))
+    except SliceDone:
+        pass
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def depths(size: Size) -> list[int]:
+    return [model.config.n_blocks for model in size.models]
+
+
+def run_cell(
+    size: Size, sampler: str, policy: str, kwargs: dict[str, Any], work: list[tuple[torch.Tensor, torch.Tensor | None]], steps: int, bar: tqdm
+) -> tuple[float, CostMeter]:
+    """Seconds to run ``steps`` steps of every batch in ``work`` with one sampler and policy, and the run's costs."""
+    meter = CostMeter(size.names, depths(size))
+    wall = sum(sample_batch(SAMPLERS[sampler], size, make_policy(policy, **kwargs), seeds, prefix, steps, meter, bar) for seeds, prefix in work)
+    return wall, meter
+
+
+def time_cells(size: Size, policies: dict[str, dict[str, Any]], repeats: int, seed: int) -> dict[str, dict[str, dict[str, Any]]]:
+    """Wall-clock of every (policy, sampler) cell, ``repeats`` times, interleaved so drift hits all cells alike.
+
+    Every cell first runs ``warmup_steps`` steps of one batch untimed.
+    """
+    work = batches(size, seed)
+    cells = [(policy, sampler) for policy in policies for sampler in SAMPLERS]
+    warmup = min(size.warmup_steps, size.steps_timed)
+    walls: dict[tuple[str, str], list[float]] = {cell: [] for cell in cells}
+    meters: dict[tuple[str, str], CostMeter] = {}  # FLOPs are the same every repeat: keep the last
+    total = len(cells) * (warmup + repeats * size.num_batches * size.steps_timed)
+    with tqdm(total=total, desc=f"benchmark [{size.name}]", unit="step") as bar:
+        if warmup > 0:
+            for policy, sampler in cells:
+                bar.set_postfix_str(f"warm-up {policy} {sampler}")
+                run_cell(size, sampler, policy, policies[policy], work[:1], warmup, bar)
+        for repeat in range(repeats):
+            for policy, sampler in cells:
+                bar.set_postfix_str(f"repeat {repeat + 1}/{repeats} {policy} {sampler}")
+                wall, meters[policy, sampler] = run_cell(size, sampler, policy, policies[policy], work, size.steps_timed, bar)
+                walls[policy, sampler].append(wall)
+    results: dict[str, dict[str, dict[str, Any]]] = {policy: {} for policy in policies}
+    for (policy, sampler), times in walls.items():
+        results[policy][sampler] = cell_summary(size, times, meters[policy, sampler])
+    return results
+
+
+def cell_summary(size: Size, walls: list[float], meter: CostMeter) -> dict[str, Any]:
+    """Median wall-clock and the rates derived from it; a slice's samples/s assumes every step costs alike."""
+    wall = statistics.median(walls)
+    per_step = wall / (size.num_batches * size.steps_timed)
+    rate = {"samples_per_s": size.num_samples / wall} if size.whole else {"samples_per_s_extrapolated": size.batch_size / (per_step * size.num_steps)}
+    return {
+        "wall_s": wall,
+        "wall_s_repeats": walls,
+        "s_per_step": per_step,  # one step of one batch of batch_size rows
+        **rate,
+        "flops_executed": sum(meter.flops),
+        "flops_saved_executed": meter.saved_executed(),
+        "flops_saved_nominal": meter.saved_nominal(),
+        "batched_forwards": dict(zip(size.names, meter.batched_forwards)),
+    }
+
+
+def ratio(numerator: float, denominator: float) -> float | None:
+    return numerator / denominator if denominator else None
+
+
+def savings(cells: dict[str, dict[str, dict[str, Any]]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per policy and sampler: wall-clock saved against static_heavy (same sampler, same seeds) vs predicted."""
+    result: dict[str, dict[str, dict[str, Any]]] = {}
+    for policy, by_sampler in cells.items():
+        if policy == BASELINE_POLICY:
+            continue
+        result[policy] = {}
+        for sampler, cell in by_sampler.items():
+            realized = 1 - cell["wall_s"] / cells[BASELINE_POLICY][sampler]["wall_s"]
+            result[policy][sampler] = {
+                "wall_saved": realized,
+                "flops_saved_executed": cell["flops_saved_executed"],
+                "flops_saved_nominal": cell["flops_saved_nominal"],
+                "realized_over_predicted": ratio(realized, cell["flops_saved_executed"]),
+            }
+    return result
+
+
+def describe_timing(size: Size) -> str:
+    if size.whole:
+        return f"whole {size.num_steps}-step trajectories of {size.num_samples} samples in batches of {size.batch_size}"
+    return (
+        f"steps [{size.slice_start}, {size.slice_start + size.steps_timed}) of a {size.num_steps}-step trajectory, from a state "
+        f"with {size.prefix_len} of {size.seq_len} positions revealed (a random prefix); each policy's schedule laid "
+        f"over the {size.steps_timed} timed steps; samples_per_s_extrapolated = batch_size / (s_per_step * num_steps)"
+    )
+
+
+def benchmark_size(size: Size, policies: dict[str, dict[str, Any]], repeats: int, seed: int) -> dict[str, Any]:
+    cells = time_cells(size, policies, repeats, seed)
+    config = size.models[0].config
+    return {
+        "setup": {
+            "members": size.names, "depths": depths(size), "d_model": config.d_model, "n_heads": config.n_heads,
+            "vocab": config.vocab_size, "seq_len": size.seq_len, "num_steps": size.num_steps, "batch_size": size.batch_size,
+            "num_samples": size.num_samples, "slice_start": size.slice_start, "steps_timed": size.steps_timed,
+            "warmup_steps": min(size.warmup_steps, size.steps_timed), "timed": describe_timing(size),
+        },
+        "cells": cells,
+        "speedup_fast_over_reference": {policy: ratio(c["reference"]["wall_s"], c["fast"]["wall_s"]) for policy, c in cells.items()},
+        "savings_vs_" + BASELINE_POLICY: savings(cells),
+    }
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpuinfo = Path("/proc/cpuinfo")
+    models = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")] if cpuinfo.exists() else []
+    return models[0] if models else platform.processor() or platform.machine()
+
+
+def selected_sizes(cfg: DictConfig) -> list[str]:
+    choices = ", ".join(cfg.size)
+    if not cfg.sizes:
+        raise ConfigError(f"sizes=[] selects nothing to time; choose from: {choices}")
+    for name in cfg.sizes:
+        if name not in cfg.size:
+            raise ConfigError(f"unknown size {name!r}; choose from: {choices}")
+    return list(cfg.sizes)
+
+
+def benchmark(cfg: DictConfig) -> dict[str, Any]:
+    """Time every selected size and write ``run_dir/benchmark.json``."""
+    names = selected_sizes(cfg)  # first: bad values fail before any model loads
+    if cfg.repeats <= 0:
+        raise ConfigError(f"repeats={cfg.repeats} is invalid; it must be a positive integer")
+    policies = {BASELINE_POLICY: {}} | OmegaConf.to_container(cfg.policies, resolve=True)
+    for policy, kwargs in policies.items():
+        make_policy(policy, **kwargs)
+    for name in names:
+        check_size(name, cfg.size[name])
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    with torch_threads(cfg.threads):
+        results = benchmark_sizes(cfg, names, policies, device, dtype)
+    print(format_table(results))
+    return results
+
+
+@contextmanager
+def torch_threads(count: int | None) -> Iterator[None]:
+    """Run with ``count`` CPU threads (None: torch's default), then restore the count, so a caller's is kept."""
+    if count is not None and count <= 0:
+        raise ConfigError(f"threads={count} is invalid; it must be a positive integer or null")
+    before = torch.get_num_threads()
+    torch.set_num_threads(count or before)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def benchmark_sizes(cfg: DictConfig, names: list[str], policies: dict[str, dict[str, Any]], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """Time the sizes one after another, rewriting the JSON after each, so a late failure keeps the rest."""
+    results: dict[str, Any] = {
+        "metadata": {
+            "device": str(device), "device_name": device_name(device), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "dtype": str(dtype).removeprefix("torch."), "repeats": cfg.repeats,
+            "statistic": "median over repeats", "seed": cfg.seed, "baseline": BASELINE_POLICY, "policies": policies,
+        },
+        "sizes": {},
+    }
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        size = load_size(name, cfg.size[name], device, dtype, cfg.seed)
+        results["sizes"][name] = benchmark_size(size, policies, cfg.repeats, cfg.seed)
+        write_json_atomic(run_dir / "benchmark.json", results)
+    return results
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """One row per size, policy and sampler; '~' marks a slice's samples/s, extrapolated from its steps."""
+    meta = results["metadata"]
+    lines = [
+        f"device {meta['device_name']} ({meta['device']}, {meta['dtype']}, {meta['threads']} threads), torch {meta['torch']}, median of {meta['repeats']}",
+        f"{'size':8} {'policy':16} {'sampler':9} {'s/step':>9} {'samples/s':>10} {'fast/ref':>8} {'wall saved':>10} {'FLOPs saved':>11} {'nominal':>7} {'real/pred':>9}",
+    ]
+    for name, size in results["sizes"].items():
+        saved = size["savings_vs_" + meta["baseline"]]
+        for policy, by_sampler in size["cells"].items():
+            for sampler, cell in by_sampler.items():
+                rate = f"{cell['samples_per_s']:.3g}" if "samples_per_s" in cell else f"~{cell['samples_per_s_extrapolated']:.3g}"
+                speedup = size["speedup_fast_over_reference"][policy] if sampler == "fast" else None
+                row = saved.get(policy, {}).get(sampler, {})  # the baseline has no saving
+                lines.append(
+                    f"{name:8} {policy:16} {sampler:9} {cell['s_per_step']:9.4f} {rate:>10} {fmt(speedup, '.2f', 'x'):>8} "
+                    f"{fmt(row.get('wall_saved'), '.1%'):>10} {fmt(row.get('flops_saved_executed'), '.1%'):>11} "
+                    f"{fmt(row.get('flops_saved_nominal'), '.1%'):>7} {fmt(row.get('realized_over_predicted'), '.2f'):>9}"
+                )
+    return "\n".join(lines)
+
+
+def fmt(value: float | None, spec: str, suffix: str = "") -> str:
+    return "-" if value is None else f"{value:{spec}}{suffix}"

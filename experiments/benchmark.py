@@ -1,0 +1,22 @@
+"""Time adasched's sampler against the reference sampler:  python experiments/benchmark.py sizes=[shipped]"""
+
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from adasched.cli import preflight, user_errors_exit
+from adasched.jobs.benchmark import benchmark
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+@hydra.main(config_path=str(CONFIG_DIR), config_name="benchmark", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    with user_errors_exit():
+        benchmark(cfg)
+
+
+if __name__ == "__main__":
+    preflight(CONFIG_DIR)
+    main()

@@ -1,0 +1,95 @@
+"""The benchmark job on tiny models: the JSON has every field with sane values; bad values fail by name."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import DictConfig, open_dict
+
+from adasched.errors import ConfigError
+from adasched.jobs.benchmark import benchmark
+from adasched.models import DenoiserConfig, MDLMDenoiser
+from tests.conftest import compose_config
+
+SIZES = ("shipped", "paper")
+
+
+@pytest.fixture(scope="module")
+def tiny_family(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """heavy (2 blocks) + light (1 block) random denoisers saved like the shipped family."""
+    root = tmp_path_factory.mktemp("family")
+    for name, depth in (("heavy", 2), ("light", 1)):
+        torch.manual_seed(depth)
+        config = DenoiserConfig(vocab_size=40, mask_token_id=39, seq_len=16, n_blocks=depth, d_model=32, n_heads=2)
+        MDLMDenoiser(config).save_pretrained(str(root / name))
+    return root
+
+
+def tiny_config(family: Path, run_dir: Path, *overrides: str) -> DictConfig:
+    """Both sizes shrunk: the 'shipped' one whole 12-step runs, the 'paper' one 8 steps from mid-trajectory."""
+    cfg = compose_config(
+        "benchmark",
+        [
+            "sizes=[shipped,paper]", "device=cpu", "repeats=2", "threads=1",  # tiny ops: 2 threads only contend
+            f"size.shipped.family.dir={family}", "size.shipped.num_steps=12", "size.shipped.seq_len=16",
+            "size.shipped.batch_size=2", "size.shipped.num_samples=3", "size.shipped.warmup_steps=2",
+            "size.paper.random_family.n_blocks=[2,1]", "size.paper.random_family.d_model=32", "size.paper.random_family.n_heads=2",
+            "size.paper.random_family.vocab_size=50", "size.paper.random_family.mask_token_id=49", "size.paper.seq_len=32",
+            "size.paper.num_steps=50", "size.paper.slice_start=25", "size.paper.steps_timed=8", "size.paper.batch_size=2",
+            "size.paper.num_samples=2", *overrides,
+        ],
+    )
+    with open_dict(cfg):
+        cfg.run_dir = str(run_dir)
+    return cfg
+
+
+def test_benchmark_writes_timings_and_savings(tiny_family: Path, tmp_path: Path) -> None:
+    threads_before = torch.get_num_threads()
+    results = benchmark(tiny_config(tiny_family, tmp_path))
+    saved = json.loads((tmp_path / "benchmark.json").read_text())
+    assert saved == json.loads(json.dumps(results, default=str))
+    meta = saved["metadata"]
+    assert meta["device"] == "cpu" and meta["device_name"] and meta["torch"] == torch.__version__
+    assert meta["threads"] == 1 and meta["repeats"] == 2 and meta["dtype"] == "float32"
+    assert torch.get_num_threads() == threads_before
+    assert set(saved["sizes"]) == set(SIZES)
+    for name in SIZES:
+        size = saved["sizes"][name]
+        assert size["setup"]["depths"] == [2, 1] and size["setup"]["vocab"] in (40, 50)
+        assert set(size["cells"]) == {"static_heavy", "static_light", "static_sandwich"}
+        for by_sampler in size["cells"].values():
+            for cell in by_sampler.values():
+                assert len(cell["wall_s_repeats"]) == 2 and cell["wall_s"] > 0 and cell["s_per_step"] > 0
+                assert cell.get("samples_per_s", cell.get("samples_per_s_extrapolated", 0)) > 0
+        assert all(speedup > 0 for speedup in size["speedup_fast_over_reference"].values())
+        savings = size["savings_vs_static_heavy"]
+        assert set(savings) == {"static_light", "static_sandwich"}
+        for by_sampler in savings.values():
+            assert set(by_sampler) == {"fast", "reference"}
+            for row in by_sampler.values():  # no bound on the wall-clock saving of tiny models but < 1: noise
+                assert row["wall_saved"] < 1 and 0 < row["flops_saved_executed"] <= 1 and 0 < row["flops_saved_nominal"] <= 1
+                assert row["realized_over_predicted"] == pytest.approx(row["wall_saved"] / row["flops_saved_executed"])
+        assert savings["static_light"]["fast"]["flops_saved_nominal"] == pytest.approx(0.5)
+    shipped, paper = saved["sizes"]["shipped"], saved["sizes"]["paper"]
+    assert "samples_per_s" in shipped["cells"]["static_heavy"]["fast"] and shipped["setup"]["steps_timed"] == 12
+    # the slice: 8 steps, the sandwich's schedule laid over them (2 of 8 light), both batches timed
+    assert paper["setup"]["steps_timed"] == 8 and "samples_per_s_extrapolated" in paper["cells"]["static_heavy"]["fast"]
+    assert paper["savings_vs_static_heavy"]["static_sandwich"]["reference"]["flops_saved_nominal"] == pytest.approx(0.25 * 0.5)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["sizes=[huge]"], "unknown size 'huge'; choose from: shipped, paper"),
+        (["size.paper.steps_timed=30"], r"size.paper.steps_timed=30 must lie in \[1, 25\]"),
+        (["+policies.static_quarter.quarter=7"], "policy.quarter=7"),
+        (["dtype=float8"], "dtype='float8' is unknown"),
+    ],
+)
+def test_bad_values_fail_by_name(overrides: list[str], message: str, tiny_family: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=message):
+        benchmark(tiny_config(tiny_family, tmp_path, *overrides))
