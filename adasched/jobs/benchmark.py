@@ -294,6 +294,7 @@ def describe_timing(size: Size) -> str:
 
 
 def benchmark_size(size: Size, policies: dict[str, dict[str, Any]], repeats: int, seed: int) -> dict[str, Any]:
+    """A size's setup (what was timed, so numbers from different runs can be compared), timings and savings."""
     cells = time_cells(size, policies, repeats, seed)
     config = size.models[0].config
     return {
@@ -313,8 +314,8 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     cpuinfo = Path("/proc/cpuinfo")
-    models = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")] if cpuinfo.exists() else []
-    return models[0] if models else platform.processor() or platform.machine()
+    cpus = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")] if cpuinfo.exists() else []
+    return cpus[0] if cpus else platform.processor() or platform.machine()
 
 
 def selected_sizes(cfg: DictConfig) -> list[str]:
