@@ -9,15 +9,13 @@ tokens; it is here for tests and benchmarks, not for use.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from functools import partial
 
 import torch
 
-from adasched.costs import CostMeter
-from adasched.models.dit import MDLMDenoiser
 from adasched.random_streams import TOKEN, uniforms
-from adasched.sampling import SampleOutput, Trajectory, mean_entropy_per_row, run_policy, sample_categorical
-from policies.base import ENTROPY, Policy
+from adasched.sampling import Trajectory, mean_entropy_per_row, sample, sample_categorical
+from policies.base import ENTROPY
 
 
 class ReferenceTrajectory(Trajectory):
@@ -71,19 +69,5 @@ class ReferenceTrajectory(Trajectory):
         return entropy
 
 
-@torch.inference_mode()
-def reference_sample(
-    models: Sequence[MDLMDenoiser],
-    policy: Policy,
-    seeds: torch.Tensor,
-    num_steps: int,
-    seq_len: int,
-    meter: CostMeter,
-    prefix: torch.Tensor | None = None,
-    top_p: float = 1.0,
-    budget: float | None = None,
-    on_step: Callable[[int], None] | None = None,
-) -> SampleOutput:
-    """Same contract as ``adasched.sampling.sample``."""
-    path = ReferenceTrajectory(models, seeds, num_steps, seq_len, meter, prefix, top_p, budget, policy.features, policy.probe_model)
-    return run_policy(path, policy, on_step)
+# Same contract as ``adasched.sampling.sample``, with MDLM's full forwards.
+reference_sample = partial(sample, trajectory_type=ReferenceTrajectory)

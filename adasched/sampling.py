@@ -281,7 +281,11 @@ def sample(
     top_p: float = 1.0,
     budget: float | None = None,
     on_step: Callable[[int], None] | None = None,
+    trajectory_type: type[Trajectory] = FastTrajectory,
 ) -> SampleOutput:
-    """Generate one batch (one row per seed) with ``policy`` choosing among ``models`` (0 = heavy)."""
-    path = FastTrajectory(models, seeds, num_steps, seq_len, meter, prefix, top_p, budget, policy.features, policy.probe_model)
+    """Generate one batch (one row per seed) with ``policy`` choosing among ``models`` (0 = heavy).
+
+    ``trajectory_type`` picks how the models run; ``adasched.reference_sampler`` passes MDLM's way.
+    """
+    path = trajectory_type(models, seeds, num_steps, seq_len, meter, prefix, top_p, budget, policy.features, policy.probe_model)
     return run_policy(path, policy, on_step)
