@@ -9,8 +9,11 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
+from transformers import GPT2Config, GPT2LMHeadModel
 
 import adasched.cli  # noqa: F401  (registers the ${project_root:} resolver)
+from adasched.models import DenoiserConfig, MDLMDenoiser
+from adasched.tokenizer import train_bpe
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "experiments" / "configs"
@@ -26,6 +29,21 @@ torch.set_num_threads(1)
 def compose_config(name: str, overrides: list[str]) -> DictConfig:
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return compose(config_name=name, overrides=overrides, return_hydra_config=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_family(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """heavy (2 blocks) + light (1 block) denoisers, an evaluator and a tokenizer, all random and tiny."""
+    root = tmp_path_factory.mktemp("family")
+    tokenizer = train_bpe(["To be, or not to be, that is the question."] * 30, 300)
+    tokenizer.save_pretrained(str(root / "tokenizer"))
+    for name, depth in (("heavy", 2), ("light", 1)):
+        torch.manual_seed(depth)
+        config = DenoiserConfig(vocab_size=len(tokenizer), mask_token_id=tokenizer.mask_token_id, seq_len=16, n_blocks=depth, d_model=32, n_heads=2)
+        MDLMDenoiser(config).save_pretrained(str(root / name))
+    evaluator = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=32, n_layer=1, n_embd=16, n_head=2))
+    evaluator.save_pretrained(str(root / "ar_evaluator"))
+    return root
 
 
 @pytest.fixture

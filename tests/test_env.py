@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -13,45 +12,19 @@ from gymnasium.utils.env_checker import check_env as gymnasium_check_env
 from omegaconf import open_dict
 from stable_baselines3 import PPO
 from stable_baselines3.common.env_checker import check_env as sb3_check_env
-from transformers import GPT2Config, GPT2LMHeadModel
 
 from adasched.env import EpisodeConfig, LagrangeMultiplier, ModelScheduleEnv, ModelScheduleVecEnv, evaluator_scorer
 from adasched.errors import ConfigError
 from adasched.evaluation import load_evaluator
 from adasched.jobs.train_router import train_router
-from adasched.models import DenoiserConfig, MDLMDenoiser
 from adasched.models.family import load_family
 from adasched.sampling import sample
-from adasched.tokenizer import load_tokenizer, train_bpe
+from adasched.tokenizer import load_tokenizer
 from policies import check_policy, make_policy
 from tests.conftest import compose_config
 from tests.test_sampling import meter
 
 STEPS, SEQ_LEN = 10, 16
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """One CPU thread: on a shared machine, threads contending for cores slow every forward down many times."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_family(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """heavy (2 blocks) + light (1 block) denoisers, an evaluator and a tokenizer, all random and tiny."""
-    root = tmp_path_factory.mktemp("family")
-    tokenizer = train_bpe(["To be, or not to be, that is the question."] * 30, 300)
-    tokenizer.save_pretrained(str(root / "tokenizer"))
-    for name, depth in (("heavy", 2), ("light", 1)):
-        torch.manual_seed(depth)
-        config = DenoiserConfig(vocab_size=len(tokenizer), mask_token_id=tokenizer.mask_token_id, seq_len=SEQ_LEN, n_blocks=depth, d_model=32, n_heads=2)
-        MDLMDenoiser(config).save_pretrained(str(root / name))
-    evaluator = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=32, n_layer=1, n_embd=16, n_head=2))
-    evaluator.save_pretrained(str(root / "ar_evaluator"))
-    return root
 
 
 def episode_config(root: Path, budget: float = 0.25, lam: float = 1.0, quality_weight: float = 1.0) -> EpisodeConfig:

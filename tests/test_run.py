@@ -9,32 +9,13 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from omegaconf import open_dict
-from transformers import GPT2Config, GPT2LMHeadModel
 
 from adasched.comparison import find_results, load_rows, table_rows
 from adasched.jobs.run import run
-from adasched.models import DenoiserConfig, MDLMDenoiser
-from adasched.tokenizer import train_bpe
 from tests.conftest import ROOT, compose_config
 
 RESULT_FIELDS = ("policy", "num_samples", "seq_len", "steps", "gen_ppl", "entropy", "flops", "wall_s", "forwards")
-
-
-@pytest.fixture(scope="module")
-def tiny_family(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """heavy (2 blocks) + light (1 block) denoisers, an evaluator and a tokenizer, all random and tiny."""
-    root = tmp_path_factory.mktemp("family")
-    tokenizer = train_bpe(["To be, or not to be, that is the question."] * 30, 300)
-    tokenizer.save_pretrained(str(root / "tokenizer"))
-    for name, depth in (("heavy", 2), ("light", 1)):
-        torch.manual_seed(depth)
-        config = DenoiserConfig(vocab_size=len(tokenizer), mask_token_id=tokenizer.mask_token_id, seq_len=16, n_blocks=depth, d_model=32, n_heads=2)
-        MDLMDenoiser(config).save_pretrained(str(root / name))
-    evaluator = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=32, n_layer=1, n_embd=16, n_head=2))
-    evaluator.save_pretrained(str(root / "ar_evaluator"))
-    return root
 
 
 def run_config(family: Path, run_dir: Path, *overrides: str):
