@@ -67,11 +67,14 @@ def calibrate(
         raise ConfigError(f"policy {getattr(policy, 'name', policy)!r} has no budget to calibrate to")
     target = policy.budget
     check_budget(target)
+    if not tolerance > 0:
+        raise ConfigError(f"calibration.tolerance={tolerance} is invalid; it must be positive (a fraction of FLOPs)")
 
     def saving_at(knob: float) -> float:
         policy.set_knob(knob)
         saved = executed_saving(policy, models, num_samples, batch_size, base_seed, num_steps, seq_len)
         history.append((knob, saved))
+        print(f"  calibration try {len(history)}: knob {knob:.4g} saves {saved:.2%} (target {target:.2%})", flush=True)
         return saved
 
     history: list[tuple[float, float]] = []

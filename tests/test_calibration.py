@@ -35,3 +35,8 @@ def test_an_unreachable_budget_and_overlapping_seeds_are_refused() -> None:
     with pytest.raises(ConfigError, match="overlaps the evaluation seeds"):
         check_disjoint_seeds(0, 64, 50, 16)
     check_disjoint_seeds(0, 64, 64, 16)
+
+
+def test_a_non_positive_tolerance_fails_by_name() -> None:
+    with pytest.raises(ConfigError, match="calibration.tolerance=0"):
+        calibrate(make_policy("static_sandwich", budget=0.3), family(), 4, 4, 1000, STEPS, LENGTH, tolerance=0)
