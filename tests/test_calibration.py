@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 import pytest
 
+from adasched import calibration
 from adasched.calibration import calibrate, check_disjoint_seeds, executed_saving
 from adasched.errors import ConfigError
 from policies import make_policy
@@ -40,3 +44,31 @@ def test_an_unreachable_budget_and_overlapping_seeds_are_refused() -> None:
 def test_a_non_positive_tolerance_fails_by_name() -> None:
     with pytest.raises(ConfigError, match="calibration.tolerance=0"):
         calibrate(make_policy("static_sandwich", budget=0.3), family(), 4, 4, 1000, STEPS, LENGTH, tolerance=0)
+
+
+class Knob:
+    """A calibratable stand-in whose saving is a known function of its knob (no sampling)."""
+
+    def __init__(self, budget: float, knob_range: tuple[float, float]) -> None:
+        self.budget, self.knob_range, self.value = budget, knob_range, knob_range[0]
+
+    def set_knob(self, value: float) -> None:
+        self.value = value
+
+
+@pytest.mark.parametrize(
+    ("curve", "budget"),
+    [
+        (lambda k: 0.66 / (1 + math.exp(-(k - 6.0))), 0.17),  # a smooth sigmoid, like the entropy threshold's
+        (lambda k: 0.66 * k**3 / 1000, 0.33),  # convex: plain false position stalls on one end here
+        (lambda k: 0.05 * math.floor(k), 0.25),  # steps: only bracketing, no interpolation, can land on it
+    ],
+)
+def test_the_search_meets_the_target_in_fewer_tries_than_bisection(
+    monkeypatch: pytest.MonkeyPatch, curve: Callable[[float], float], budget: float
+) -> None:
+    policy = Knob(budget, (0.0, 10.0))
+    monkeypatch.setattr(calibration, "executed_saving", lambda policy, *args: curve(policy.value))
+    found = calibrate(policy, [], 1, 1, 0, 1, 1, tolerance=0.002)
+    assert abs(found.saved_executed - budget) <= 0.002 and policy.value == found.knob
+    assert len(found.history) <= 8  # bisection needs about 2 + log2(10 * 0.66 / 0.002) = 14 tries here
