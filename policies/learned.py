@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from adasched.errors import ConfigError
-from policies.base import ENTROPY, DenoiseState, Policy, register_policy
+from policies.base import ENTROPY, DenoiseState, Policy, check_budget, register_policy
 
 ROUTER_FILE = "router.zip"  # the SB3 PPO model
 INFO_FILE = "router.json"  # features, budget, lambda, sampling settings and training metadata
@@ -80,16 +80,29 @@ def load_router_info(folder: Path) -> dict[str, Any]:
 
 @register_policy("learned_router")
 class LearnedRouter(Policy):
-    """Acts deterministically (the most likely action) with an exported PPO router, per row and step."""
+    """Acts deterministically with an exported PPO router, per row and step: the most likely model after
+    adding ``light_bias`` to the log-odds of every model but the heavy one.
+
+    ``light_bias`` is the calibration knob: a router trained for one budget (through the Lagrangian) is
+    moved to another, or held to its own on new seeds, the same way every other policy is, while keeping the
+    router's ranking of states. The observation's ``budget`` column stays the one the router was trained for.
+    """
 
     features = frozenset({ENTROPY})
+    knob_range = (-20.0, 20.0)
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, light_bias: float = 0.0, budget: float | None = None) -> None:
         from stable_baselines3 import PPO  # here, not at module level: importing policies stays light
 
+        if budget is not None:
+            check_budget(budget)
         folder = Path(path)
         self.info = load_router_info(folder)
         self.router = PPO.load(folder / ROUTER_FILE, device="cpu")
+        self.light_bias, self.budget = light_bias, budget
+
+    def set_knob(self, value: float) -> None:
+        self.light_bias = value
 
     def reset(self, batch_size: int, num_steps: int, num_models: int, seed: int = 0) -> None:
         super().reset(batch_size, num_steps, num_models, seed)
@@ -98,7 +111,10 @@ class LearnedRouter(Policy):
         self.inputs = RouterFeatures(batch_size, num_models, self.info["budget"])
 
     def act(self, state: DenoiseState) -> torch.Tensor:
-        action, _ = self.router.predict(self.inputs.observe(state), deterministic=True)
-        action = torch.as_tensor(np.asarray(action), dtype=torch.int64).reshape(state.batch_size)
+        observation, _ = self.router.policy.obs_to_tensor(self.inputs.observe(state))
+        with torch.no_grad():
+            logits = self.router.policy.get_distribution(observation).distribution.logits.double().cpu()
+        logits[:, 1:] += self.light_bias
+        action = logits.argmax(dim=1)
         self.inputs.record(state, action)
         return action

@@ -21,6 +21,8 @@ from adasched.models.family import load_family
 from adasched.sampling import sample
 from adasched.tokenizer import load_tokenizer
 from policies import check_policy, make_policy
+from policies.base import synthetic_states
+from policies.learned import RouterFeatures
 from tests.conftest import compose_config
 from tests.test_sampling import meter
 
@@ -108,8 +110,17 @@ def test_train_export_resume_and_the_policy_acts_like_the_router(tiny_family: Pa
 
     policy = make_policy("learned_router", path=str(tmp_path / "router"))
     router = PPO.load(tmp_path / "router" / "router.zip", device="cpu")
-    observations = np.random.default_rng(0).uniform(0, 1, (64, len(saved["features"]))).astype(np.float32)
-    assert np.array_equal(policy.router.predict(observations, deterministic=True)[0], router.predict(observations, deterministic=True)[0])
+    features = RouterFeatures(8, 2, saved["budget"])
+    policy.reset(8, 20, 2)
+    for state in synthetic_states(8, 20, 2, seed=0):
+        expected = router.predict(features.observe(state), deterministic=True)[0]
+        action = policy.act(state)
+        features.record(state, action)
+        assert np.array_equal(action.numpy(), expected)
+    for bias, model in ((policy.knob_range[1], 1), (policy.knob_range[0], 0)):  # the knob's ends: all light, all heavy
+        policy.set_knob(bias)
+        policy.reset(8, 20, 2)
+        assert all(bool((policy.act(state) == model).all()) for state in synthetic_states(8, 20, 2, seed=0))
     check_policy(policy, num_models=2)
     models = list(load_family({name: tiny_family / name for name in ("heavy", "light")}).values())
     output = sample(models, policy, torch.arange(6), num_steps=STEPS, seq_len=SEQ_LEN, meter=meter(models))
