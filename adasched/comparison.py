@@ -9,7 +9,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from adasched.errors import ConfigError
+from adasched.evaluation import paired_difference
 
 COLUMNS = ("label", "gen_ppl", "ci95", "paired_diff", "entropy", "saved_nominal_%", "saved_executed_%", "wall_s", "speedup")
 
@@ -55,16 +58,67 @@ def table_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
-def format_table(rows: Sequence[dict[str, Any]]) -> str:
-    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in COLUMNS}
-    lines = ["  ".join(c.ljust(widths[c]) for c in COLUMNS)]
-    lines += ["  ".join(str(r[c]).ljust(widths[c]) for c in COLUMNS) for r in rows]
+def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] = COLUMNS) -> str:
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in columns}
+    lines = ["  ".join(c.ljust(widths[c]) for c in columns)]
+    lines += ["  ".join(str(r[c]).ljust(widths[c]) for c in columns) for r in rows]
     return "\n".join(lines)
 
 
-def to_csv(rows: Sequence[dict[str, Any]]) -> str:
+def to_csv(rows: Sequence[dict[str, Any]], columns: Sequence[str] = COLUMNS) -> str:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=COLUMNS)
+    writer = csv.DictWriter(buffer, fieldnames=columns)
     writer.writeheader()
     writer.writerows(rows)
     return buffer.getvalue()
+
+
+SWEEP_COLUMNS = (
+    "label", "budget", "gen_ppl", "ci95", "diff_vs_reference", "diff_ci95", "verdict", "entropy",
+    "saved_executed_%", "saved_nominal_%", "knob", "wall_s",
+)
+
+
+def reference_for(record: dict[str, Any], records: Sequence[dict[str, Any]], reference: str | None) -> dict[str, Any] | None:
+    """The arm ``reference`` at the record's budget, else its budget-free run (e.g. all-heavy), else None."""
+    candidates = [r for r in records if r["arm"] == reference]
+    same_budget = [r for r in candidates if r["budget"] == record["budget"]]
+    unbudgeted = [r for r in candidates if r["budget"] is None]
+    return (same_budget or unbudgeted or [None])[0]
+
+
+def verdict(difference: float, half_width: float) -> str:
+    """Lower perplexity is better; a 95% interval of the paired difference that holds 0 decides nothing."""
+    if difference + half_width < 0:
+        return "better"
+    if difference - half_width > 0:
+        return "worse"
+    return "tie"
+
+
+def sweep_rows(records: Sequence[dict[str, Any]], reference: str | None) -> list[dict[str, Any]]:
+    """One row per arm: quality, cost, and the paired perplexity difference to ``reference`` on the same seeds."""
+    rows = []
+    for record in records:
+        row = {
+            "label": record["label"],
+            "budget": "" if record["budget"] is None else record["budget"],
+            "gen_ppl": round(record["gen_ppl"]["mean"], 2),
+            "ci95": round(record["gen_ppl"]["ci95"], 2),
+            "diff_vs_reference": "", "diff_ci95": "", "verdict": "",
+            "entropy": round(record["entropy"]["mean"], 4),
+            "saved_executed_%": round(100 * record["flops"]["saved_executed"], 2),
+            "saved_nominal_%": round(100 * record["flops"]["saved_nominal"], 2),
+            "knob": round(record["calibration"]["knob"], 4) if record.get("calibration") else "",
+            "wall_s": round(record["wall_s"]["sampling"], 1),
+        }
+        baseline = reference_for(record, records, reference)
+        if baseline is record:
+            row["verdict"] = "reference"
+        elif baseline is not None:
+            if baseline["seeds"] != record["seeds"]:
+                raise ConfigError(f"arms {record['label']} and {baseline['label']} were sampled on different seeds; they cannot be paired")
+            difference, half_width = paired_difference(torch.tensor(record["nll"]).exp(), torch.tensor(baseline["nll"]).exp())
+            row |= {"diff_vs_reference": round(difference, 2), "diff_ci95": round(half_width, 2), "verdict": verdict(difference, half_width)}
+        rows.append(row)
+    return rows

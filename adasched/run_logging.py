@@ -26,18 +26,18 @@ def flatten(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
     return flat
 
 
-def log_run(cfg: DictConfig, results: dict[str, Any], texts: list[str], nll: list[float], seeds: list[int], schedule_png: Path) -> None:
+def log_run(
+    cfg: DictConfig, name: str, results: dict[str, Any], texts: list[str], nll: list[float], seeds: list[int], images: Mapping[str, Path]
+) -> None:
+    """One W&B run named ``name`` in the experiment's group: the config, ``results`` as summary, the samples
+    as a Table and ``images`` (name -> PNG)."""
     if cfg.logger.mode == "disabled":
         return
     run = wandb.init(
-        project=cfg.logger.project, group=cfg.logger.group, name=cfg.logger.name, mode=cfg.logger.mode,
+        project=cfg.logger.project, group=cfg.logger.group, name=name, mode=cfg.logger.mode,
         dir=str(cfg.run_dir), config=OmegaConf.to_container(cfg, resolve=True), reinit="finish_previous",
     )
     run.summary.update(flatten(results))
-    run.log(
-        {
-            "samples": wandb.Table(columns=["seed", "nll", "text"], data=[[s, n, t] for s, n, t in zip(seeds, nll, texts)]),
-            "schedule": wandb.Image(str(schedule_png)),
-        }
-    )
+    samples = wandb.Table(columns=["seed", "nll", "text"], data=[[s, n, t] for s, n, t in zip(seeds, nll, texts)])
+    run.log({"samples": samples, **{key: wandb.Image(str(png)) for key, png in images.items()}})
     run.finish()

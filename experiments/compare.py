@@ -10,6 +10,7 @@ from pathlib import Path
 
 from adasched.cli import user_errors_exit
 from adasched.comparison import find_results, format_table, load_rows, table_rows, to_csv
+from adasched.export import write_text_atomic
 from adasched.plots import plot_quality_vs_compute
 
 
@@ -24,9 +25,7 @@ def main(argv: list[str]) -> None:
         out = args.out or Path(args.runs[0])
         out = out if out.is_dir() else out.parent
         out.mkdir(parents=True, exist_ok=True)
-        partial = out / ".comparison.csv.partial"
-        partial.write_text(to_csv(table), encoding="utf-8")
-        partial.replace(out / "comparison.csv")
+        write_text_atomic(out / "comparison.csv", to_csv(table))
         plot_quality_vs_compute(rows, out / "comparison.png")
         print(format_table(table))
         print(f"\nwrote {out / 'comparison.csv'} and {out / 'comparison.png'}")

@@ -55,16 +55,24 @@ def sample_with(cfg: DictConfig, policy: Policy, models: list, meter: CostMeter,
     )
 
 
-def calibrate_to_budget(cfg: DictConfig, policy: Policy, models: list) -> Calibration | None:
+def calibrate_to_budget(cfg: DictConfig, label: str, policy: Policy, models: list) -> Calibration | None:
     """Fit a calibratable policy's knob to its budget on the calibration seeds (none of the evaluation's)."""
     if not isinstance(policy, Calibratable) or policy.budget is None:
         return None
     check_disjoint_seeds(cfg.seed, cfg.sampling.num_samples, cfg.calibration.seed, cfg.calibration.num_samples)
-    print(f"calibrating {cfg.policy.name} to save {policy.budget:.1%} of executed FLOPs on {cfg.calibration.num_samples} calibration samples")
+    print(f"calibrating {label} to save {policy.budget:.1%} of executed FLOPs on {cfg.calibration.num_samples} calibration samples")
     return calibrate(
         policy, models, cfg.calibration.num_samples, cfg.sampling.batch_size, cfg.calibration.seed,
         cfg.sampling.num_steps, cfg.sampling.seq_len, cfg.calibration.tolerance,
     )
+
+
+def calibration_record(cfg: DictConfig, calibration: Calibration) -> dict[str, Any]:
+    """What results.json keeps of a calibration: the knob found, its saving and every try, on which seeds."""
+    return {
+        "knob": calibration.knob, "saved_executed": calibration.saved_executed, "target": calibration.target,
+        "seed": cfg.calibration.seed, "num_samples": cfg.calibration.num_samples, "tries": calibration.history,
+    }
 
 
 def decode(tokenizer: Any, generation: Generation) -> tuple[list[str], list[list[int]]]:
@@ -96,7 +104,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     seeds = cfg.seed + torch.arange(cfg.sampling.num_samples)
     prompts = prompts_for(cfg, tokenizer, seeds)
     evaluator, evaluator_tokenizer = load_evaluator(cfg.eval.ppl_model, device, cfg.eval.tokenizer_path)
-    calibration = calibrate_to_budget(cfg, policy, models)
+    calibration = calibrate_to_budget(cfg, cfg.policy.name, policy, models)
 
     def sample_and_decode(policy: Policy) -> tuple[Generation, CostMeter, list[str], list[list[int]]]:
         meter = CostMeter(names, depths)
@@ -130,10 +138,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "wall_s": {"sampling": generation.wall_s},
     }
     if calibration is not None:
-        results["calibration"] = {
-            "knob": calibration.knob, "saved_executed": calibration.saved_executed, "target": calibration.target,
-            "seed": cfg.calibration.seed, "num_samples": cfg.calibration.num_samples, "tries": calibration.history,
-        }
+        results["calibration"] = calibration_record(cfg, calibration)
     if baseline is not None:
         results["wall_s"]["sampling_all_heavy"] = baseline[0].wall_s
         results["speedup_vs_all_heavy"] = baseline[0].wall_s / generation.wall_s
@@ -144,7 +149,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     write_json_atomic(run_dir / "results.json", results)
     write_samples(run_dir / "samples.jsonl", generation, texts, quality["nll"], tokenizer)
     schedule_png = plot_schedule(generation.actions, names, f"{cfg.policy.name}: model per step", run_dir / "schedule.png")
-    log_run(cfg, results, texts, quality["nll"], generation.seeds.tolist(), schedule_png)
+    log_run(cfg, cfg.run_name, results, texts, quality["nll"], generation.seeds.tolist(), {"schedule": schedule_png})
     print_summary(results)
     return results
 

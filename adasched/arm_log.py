@@ -1,0 +1,70 @@
+"""An append-only record of a sweep's finished arms, so a sweep killed at any moment resumes where it stopped.
+
+Each finished arm is one JSON line, written in one ``write`` and fsynced before the next arm starts: a crash
+loses at most the arm in progress. A line torn by a crash mid-write is dropped (and cut off the file) on the
+next load. The settings every arm must share (seeds, sampler, family, evaluator) are kept beside the lines;
+resuming under other settings is refused, since the arms would no longer be comparable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from adasched.errors import ConfigError
+from adasched.export import write_json_atomic
+
+SETTINGS_FILE = "settings.json"
+ARMS_FILE = "arms.jsonl"
+
+
+class ArmLog:
+    """``folder/arms.jsonl`` (one finished arm per line, keyed by ``label``) and ``folder/settings.json``."""
+
+    def __init__(self, folder: Path, settings: dict[str, Any]) -> None:
+        self.folder = folder
+        self.path = folder / ARMS_FILE
+        folder.mkdir(parents=True, exist_ok=True)
+        settings = json.loads(json.dumps(settings, sort_keys=True, default=str))  # as it will read back
+        settings_path = folder / SETTINGS_FILE
+        if settings_path.is_file():
+            saved = json.loads(settings_path.read_text(encoding="utf-8"))
+            changed = sorted(key for key in saved.keys() | settings.keys() if saved.get(key) != settings.get(key))
+            if changed:
+                raise ConfigError(
+                    f"{folder} holds arms run with other settings ({', '.join(changed)}); "
+                    "rerun with the same settings to resume, or pass another hydra.run.dir"
+                )
+        else:
+            write_json_atomic(settings_path, settings)
+
+    def load(self) -> dict[str, dict[str, Any]]:
+        """Finished arms by label, in the order they finished; a torn last line is removed from the file."""
+        if not self.path.is_file():
+            return {}
+        records: dict[str, dict[str, Any]] = {}
+        kept = 0
+        with self.path.open("rb") as handle:
+            for line in handle:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    break
+                if not line.endswith(b"\n"):
+                    break
+                records[record["label"]] = record
+                kept += len(line)
+        if kept < self.path.stat().st_size:
+            with self.path.open("r+b") as handle:
+                handle.truncate(kept)
+        return records
+
+    def append(self, record: dict[str, Any]) -> None:
+        """Add one finished arm durably (flushed and fsynced)."""
+        line = json.dumps(record, sort_keys=True, default=str) + "\n"
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(line)
+            handle.flush()
+            os.fsync(handle.fileno())

@@ -1,0 +1,139 @@
+"""``sweep(cfg)``: many policies ("arms") on the same evaluation seeds in one process, resumably.
+
+An experiment config names its arms (policy configs, each with overrides) and the FLOPs budgets to test;
+an arm whose policy takes a budget runs once per budget (calibrated on the calibration seeds first), the
+others once. Every arm samples the same seeds, so the table gives each arm's paired perplexity difference
+to the experiment's reference arm at the same budget. Finished arms are appended to ``arms.jsonl``; rerunning
+the same command skips them, so a sweep killed mid-way finishes with the table an uninterrupted run gives.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from adasched.arm_log import ArmLog
+from adasched.comparison import SWEEP_COLUMNS, format_table, sweep_rows, to_csv
+from adasched.costs import CostMeter
+from adasched.errors import ConfigError
+from adasched.evaluation import evaluate_samples, load_evaluator
+from adasched.export import write_json_atomic, write_text_atomic
+from adasched.jobs.run import calibrate_to_budget, calibration_record, decode, prompts_for, resolve_device, sample_with, write_samples
+from adasched.models.family import load_family
+from adasched.plots import plot_quality_vs_compute, plot_schedule
+from adasched.run_logging import log_run
+from adasched.tokenizer import load_tokenizer
+from policies import Policy
+from policies.base import check_budget
+
+
+@dataclass
+class Arm:
+    """One policy at one budget (or at none): what a row of the sweep's table is."""
+
+    name: str  # the key under experiment.arms
+    budget: float | None
+    config: dict[str, Any]  # the policy config, resolved, with the budget set
+    policy: Policy
+
+    @property
+    def label(self) -> str:
+        return self.name if self.budget is None else f"{self.name}@{self.budget:g}"
+
+
+def expand_arms(experiment: DictConfig) -> list[Arm]:
+    """Arms in table order: for each budget, every budgeted arm; budget-free arms (e.g. all-heavy) first.
+
+    Every policy is built here, before any model loads, so a bad arm fails the sweep at once.
+    """
+    budgets = list(experiment.budgets or [])
+    for budget in budgets:
+        check_budget(budget)
+    if not experiment.arms:
+        raise ConfigError(f"experiment {experiment.name!r} has no arms; add policy configs under experiment.arms")
+    if experiment.reference is not None and experiment.reference not in experiment.arms:
+        raise ConfigError(f"experiment.reference={experiment.reference!r} is not one of its arms: {', '.join(experiment.arms)}")
+    fixed, budgeted = [], []
+    for name, policy_cfg in experiment.arms.items():
+        config = OmegaConf.to_container(policy_cfg, resolve=True)
+        if "budget" not in config or not budgets:
+            fixed.append(Arm(str(name), None, config, instantiate(policy_cfg)))
+            continue
+        for budget in budgets:
+            with_budget = {**config, "budget": budget}
+            budgeted.append((budget, Arm(str(name), budget, with_budget, instantiate(OmegaConf.create(with_budget)))))
+    return fixed + [arm for _, arm in sorted(budgeted, key=lambda pair: pair[0])]
+
+
+def sweep_settings(cfg: DictConfig) -> dict[str, Any]:
+    """What every arm of a sweep must share for their rows to be comparable (checked when resuming)."""
+    return {
+        "family": {"dir": str(cfg.family.dir), "members": list(cfg.family.members)},
+        "sampling": OmegaConf.to_container(cfg.sampling, resolve=True) | {"batch_size": None},  # batch size never changes samples
+        "seed": cfg.seed,
+        "evaluator": cfg.eval.ppl_model,
+        "calibration": OmegaConf.to_container(cfg.calibration, resolve=True),
+    }
+
+
+def sweep(cfg: DictConfig) -> list[dict[str, Any]]:
+    """Run every unfinished arm, then write table.csv, results.json and quality_vs_compute.png; returns the rows."""
+    arms = expand_arms(cfg.experiment)
+    run_dir = Path(cfg.run_dir)
+    log = ArmLog(run_dir, sweep_settings(cfg))
+    finished = log.load()
+    for arm in arms:
+        if arm.label in finished and finished[arm.label]["policy_config"] != arm.config:
+            raise ConfigError(
+                f"arm {arm.label} in {log.path} was run with policy config {finished[arm.label]['policy_config']}, "
+                f"now {arm.config}; remove its line to rerun it, or pass another hydra.run.dir"
+            )
+    todo = [arm for arm in arms if arm.label not in finished]
+    print(f"experiment {cfg.experiment.name}: {len(arms)} arms, {len(arms) - len(todo)} already finished in {run_dir}")
+    if todo:
+        run_arms(cfg, todo, log, start=len(arms) - len(todo), total=len(arms))
+        finished = log.load()
+    records = [finished[arm.label] for arm in arms]
+    rows = sweep_rows(records, cfg.experiment.reference)
+    write_text_atomic(run_dir / "table.csv", to_csv(rows, SWEEP_COLUMNS))
+    write_json_atomic(run_dir / "results.json", {"experiment": cfg.experiment.name, "reference": cfg.experiment.reference, "rows": rows})
+    plot_quality_vs_compute(records, run_dir / "quality_vs_compute.png")
+    print(format_table(rows, SWEEP_COLUMNS))
+    print(f"\nwrote {run_dir / 'table.csv'}, results.json and quality_vs_compute.png")
+    return rows
+
+
+def run_arms(cfg: DictConfig, arms: list[Arm], log: ArmLog, start: int, total: int) -> None:
+    """Load the family and the evaluator once, then calibrate, sample and score each arm and append it."""
+    device = resolve_device(cfg.device)
+    names = list(cfg.family.members)
+    models = [m.to(device) for m in load_family({name: Path(cfg.family.dir) / name for name in names}).values()]
+    tokenizer = load_tokenizer(cfg.family.tokenizer)
+    evaluator, evaluator_tokenizer = load_evaluator(cfg.eval.ppl_model, device, cfg.eval.tokenizer_path)
+    prompts = prompts_for(cfg, tokenizer, cfg.seed + torch.arange(cfg.sampling.num_samples))
+    for index, arm in enumerate(arms, start + 1):
+        print(f"[{index}/{total}] {arm.label}", flush=True)
+        calibration = calibrate_to_budget(cfg, arm.label, arm.policy, models)
+        meter = CostMeter(names, [m.config.n_blocks for m in models])
+        generation = sample_with(cfg, arm.policy, models, meter, prompts)
+        texts, ids = decode(tokenizer, generation)
+        quality = evaluate_samples(texts, ids, evaluator, evaluator_tokenizer, cfg.eval.batch_size, device)
+        record: dict[str, Any] = {
+            "label": arm.label, "arm": arm.name, "budget": arm.budget, "policy": arm.policy.name,
+            "policy_config": arm.config, "seeds": generation.seeds.tolist(), **quality, **meter.summary(),
+            "wall_s": {"sampling": generation.wall_s},
+        }
+        if calibration is not None:
+            record["calibration"] = calibration_record(cfg, calibration)
+        for folder in ("samples", "schedules"):
+            (log.folder / folder).mkdir(exist_ok=True)
+        write_samples(log.folder / "samples" / f"{arm.label}.jsonl", generation, texts, quality["nll"], tokenizer)
+        schedule = plot_schedule(generation.actions, names, f"{arm.label}: model per step", log.folder / "schedules" / f"{arm.label}.png")
+        log.append(record)
+        summary = {key: value for key, value in record.items() if key not in ("nll", "seeds")}
+        log_run(cfg, f"{cfg.experiment.name}__{arm.label}", summary, texts, quality["nll"], record["seeds"], {"schedule": schedule})
