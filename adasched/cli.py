@@ -21,7 +21,7 @@ def check_group_choices(config_dir: Path, overrides: Sequence[str]) -> None:
     Hydra's own message for this spans many lines; a user who typed a wrong name needs one.
     """
     for override in overrides:
-        if "=" not in override or override.startswith(("+", "~", "hydra.")):
+        if "=" not in override or override.startswith(("+", "~", "hydra.", "hydra/")):  # hydra/ groups come from plugins too
             continue
         group, value = override.split("=", 1)
         group_dir = config_dir / group

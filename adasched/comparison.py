@@ -75,7 +75,7 @@ def to_csv(rows: Sequence[dict[str, Any]], columns: Sequence[str] = COLUMNS) -> 
 
 SWEEP_COLUMNS = (
     "label", "budget", "gen_ppl", "ci95", "diff_vs_reference", "diff_ci95", "verdict", "entropy",
-    "saved_executed_%", "saved_nominal_%", "knob", "wall_s",
+    "saved_executed_%", "saved_nominal_%", "knob", "wall_s", "speedup_vs_reference",
 )
 
 
@@ -111,6 +111,7 @@ def sweep_rows(records: Sequence[dict[str, Any]], reference: str | None) -> list
             "saved_nominal_%": round(100 * record["flops"]["saved_nominal"], 2),
             "knob": round(record["calibration"]["knob"], 4) if record.get("calibration") else "",
             "wall_s": round(record["wall_s"]["sampling"], 1),
+            "speedup_vs_reference": "",
         }
         baseline = reference_for(record, records, reference)
         if baseline is record:
@@ -119,6 +120,9 @@ def sweep_rows(records: Sequence[dict[str, Any]], reference: str | None) -> list
             if baseline["seeds"] != record["seeds"]:
                 raise ConfigError(f"arms {record['label']} and {baseline['label']} were sampled on different seeds; they cannot be paired")
             difference, half_width = paired_difference(torch.tensor(record["nll"]).exp(), torch.tensor(baseline["nll"]).exp())
-            row |= {"diff_vs_reference": round(difference, 2), "diff_ci95": round(half_width, 2), "verdict": verdict(difference, half_width)}
+            row |= {
+                "diff_vs_reference": round(difference, 2), "diff_ci95": round(half_width, 2), "verdict": verdict(difference, half_width),
+                "speedup_vs_reference": round(baseline["wall_s"]["sampling"] / record["wall_s"]["sampling"], 3),
+            }
         rows.append(row)
     return rows

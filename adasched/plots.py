@@ -49,3 +49,14 @@ def plot_quality_vs_compute(rows: Sequence[dict], path: Path, saving_key: str = 
     axis.set_ylabel("generative perplexity")
     axis.grid(alpha=0.3)
     return save_figure(figure, path)
+
+
+def plot_arms(rows: Sequence[dict], path: Path) -> Path:
+    """Generative perplexity with its 95% CI per arm, as bars (the paper's Fig. 1 and 8-11)."""
+    figure, axis = plt.subplots(figsize=(max(5, 0.6 * len(rows)), 4))
+    positions = range(len(rows))
+    axis.bar(positions, [r["gen_ppl"]["mean"] for r in rows], yerr=[r["gen_ppl"]["ci95"] for r in rows], capsize=3, color=MODEL_COLORS[0])
+    axis.set_xticks(positions, [r["label"] for r in rows], rotation=45, ha="right")
+    axis.set_ylabel("generative perplexity (95% CI)")
+    axis.grid(axis="y", alpha=0.3)
+    return save_figure(figure, path)

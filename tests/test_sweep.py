@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import csv
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,8 +14,9 @@ from omegaconf import DictConfig, open_dict
 
 from adasched.errors import ConfigError
 from adasched.jobs import sweep as sweep_job
-from adasched.jobs.sweep import sweep
-from tests.conftest import compose_config
+from adasched.jobs.sweep import merge_shards, sweep
+from adasched.segment_search import analysis, searched, segment_influence, segment_search_arms
+from tests.conftest import ROOT, compose_config
 
 ARMS = ["static_heavy", "static_sandwich", "mask_fraction_router", "entropy_probe", "entropy_lagged"]
 
@@ -28,7 +33,7 @@ def sweep_config(family: Path, run_dir: Path, *overrides: str) -> DictConfig:
     with open_dict(cfg):
         cfg.run_dir = str(run_dir)
         for name in ("kl_router", "learned_router"):  # routers fitted to the shipped family, not the tiny one
-            cfg.experiment.arms.pop(name)
+            cfg.experiment.arms.pop(name, None)
     return cfg
 
 
@@ -38,7 +43,7 @@ class Killed(Exception):
 
 def read_table(run_dir: Path) -> list[dict[str, str]]:
     with (run_dir / "table.csv").open() as handle:
-        return [{k: v for k, v in row.items() if k != "wall_s"} for row in csv.DictReader(handle)]
+        return [{k: v for k, v in row.items() if k not in ("wall_s", "speedup_vs_reference")} for row in csv.DictReader(handle)]  # timings vary
 
 
 def test_every_arm_runs_at_every_budget_and_pairs_with_the_reference(tiny_family: Path, tmp_path: Path) -> None:
@@ -110,3 +115,56 @@ def test_a_bad_budget_or_reference_fails_before_sampling(tiny_family: Path, tmp_
     with pytest.raises(ConfigError, match=message):
         sweep(sweep_config(tiny_family, tmp_path, override))
     assert not (tmp_path / "arms.jsonl").exists()
+
+
+def segment_record(light_segments: list[int], ppl: float) -> dict:
+    return {
+        "label": "light_" + "-".join(map(str, light_segments)), "policy": "static_segment_mask", "gen_ppl": {"mean": ppl},
+        "policy_config": {"num_segments": 4, "light_segments": light_segments},
+    }
+
+
+def test_segment_influence_and_frequencies_follow_eq_8() -> None:
+    arms = segment_search_arms(num_segments=4, light_segments=2)
+    assert len(arms) == 6 and arms["light_0-3"]["light_segments"] == [0, 3]
+    # perplexity = 10 + how many middle segments (1, 2) are light: the middle is what hurts
+    records = [segment_record(config["light_segments"], 10.0 + sum(j in (1, 2) for j in config["light_segments"])) for config in arms.values()]
+    influence = segment_influence(searched(records))
+    mean = 11.0
+    assert influence == pytest.approx([(10 + 11 + 11) / 3 - mean, (11 + 12 + 11) / 3 - mean, (11 + 12 + 11) / 3 - mean, (11 + 11 + 10) / 3 - mean])
+    summary = analysis(records, top_k=1)
+    assert summary["best"][0] == ("light_0-3", 10.0) and summary["worst"][-1] == ("light_1-2", 12.0)
+    assert summary["frequency_top1"] == [1, 0, 0, 1] and summary["frequency_bottom1"] == [0, 1, 1, 0]
+
+
+def test_shards_merge_to_the_single_job_table_with_the_segment_analysis(tiny_family: Path, tmp_path: Path) -> None:
+    search = ["experiment=exhaustive", "experiment.segment_search.num_segments=4", "experiment.segment_search.light_segments=2"]
+    single = sweep(sweep_config(tiny_family, tmp_path / "single", *search))
+    assert len(single) == 1 + 6
+    for shard in range(2):
+        sweep(sweep_config(tiny_family, tmp_path / "multirun" / f"shard{shard}", *search, f"experiment.shard_index={shard}", "experiment.num_shards=2"))
+    merged = merge_shards(tmp_path / "multirun")
+    assert [row["label"] for row in merged] == [row["label"] for row in single]
+    assert read_table(tmp_path / "multirun") == read_table(tmp_path / "single")
+    results = json.loads((tmp_path / "multirun" / "results.json").read_text())
+    assert results["segment_search"]["schedules"] == 6 and len(results["segment_search"]["influence"]) == 4
+    for figure in ("segments_best_worst", "segments_frequency", "segments_influence", "gen_ppl"):
+        assert (tmp_path / "multirun" / f"{figure}.png").stat().st_size > 1000
+    sweep(sweep_config(tiny_family, tmp_path / "multirun" / "odd", *search, "seed=5"))
+    with pytest.raises(ConfigError, match="other settings"):
+        merge_shards(tmp_path / "multirun")
+
+
+@pytest.mark.slow
+def test_a_hydra_multirun_over_shards_with_joblib_merges(tiny_family: Path, tmp_path: Path) -> None:
+    settings = [
+        f"family.dir={tiny_family}", "sampling.num_samples=4", "sampling.batch_size=4", "sampling.num_steps=20", "sampling.seq_len=16",
+        "eval.batch_size=4", "logger.mode=disabled", "device=cpu", "experiment=exhaustive",
+        "experiment.segment_search.num_segments=4", "experiment.segment_search.light_segments=2",
+    ]
+    shards = ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "experiment.num_shards=2", "experiment.shard_index=range(0,2)"]
+    environment = {**os.environ, "WANDB_MODE": "disabled"}
+    subprocess.run([sys.executable, "experiments/sweep.py", *shards, f"hydra.sweep.dir={tmp_path}", *settings], cwd=ROOT, env=environment, check=True)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir() and p.name.startswith("shard")) == ["shard0-of-2", "shard1-of-2"]
+    subprocess.run([sys.executable, "experiments/merge_sweep.py", str(tmp_path)], cwd=ROOT, env=environment, check=True)
+    assert [row["label"] for row in read_table(tmp_path)] == ["static_heavy", *segment_search_arms(4, 2)]

@@ -9,6 +9,7 @@ the same command skips them, so a sweep killed mid-way finishes with the table a
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from adasched.arm_log import ArmLog
+from adasched.arm_log import SETTINGS_FILE, ArmLog
 from adasched.comparison import SWEEP_COLUMNS, format_table, sweep_rows, to_csv
 from adasched.costs import CostMeter
 from adasched.errors import ConfigError
@@ -25,7 +26,8 @@ from adasched.evaluation import evaluate_samples, load_evaluator
 from adasched.export import write_json_atomic, write_text_atomic
 from adasched.jobs.run import calibrate_to_budget, calibration_record, decode, prompts_for, resolve_device, sample_with, write_samples
 from adasched.models.family import load_family
-from adasched.plots import plot_quality_vs_compute, plot_schedule
+from adasched.plots import plot_arms, plot_quality_vs_compute, plot_schedule
+from adasched.segment_search import analysis, plot_analysis, segment_search_arms
 from adasched.run_logging import log_run
 from adasched.tokenizer import load_tokenizer
 from policies import Policy
@@ -36,6 +38,7 @@ from policies.base import check_budget
 class Arm:
     """One policy at one budget (or at none): what a row of the sweep's table is."""
 
+    index: int  # position in the whole experiment's table (across shards)
     name: str  # the key under experiment.arms
     budget: float | None
     config: dict[str, Any]  # the policy config, resolved, with the budget set
@@ -46,33 +49,42 @@ class Arm:
         return self.name if self.budget is None else f"{self.name}@{self.budget:g}"
 
 
+def arm_configs(experiment: DictConfig) -> dict[str, dict[str, Any]]:
+    """The experiment's policy configs by arm name: its listed arms, then its segment search's, if any."""
+    arms = {str(name): OmegaConf.to_container(policy_cfg, resolve=True) for name, policy_cfg in (experiment.arms or {}).items()}
+    if experiment.segment_search is not None:
+        arms |= segment_search_arms(**experiment.segment_search)
+    if not arms:
+        raise ConfigError(f"experiment {experiment.name!r} has no arms; add policy configs under experiment.arms")
+    if experiment.reference is not None and experiment.reference not in arms:
+        raise ConfigError(f"experiment.reference={experiment.reference!r} is not one of its arms: {', '.join(list(arms)[:12])}")
+    return arms
+
+
 def expand_arms(experiment: DictConfig) -> list[Arm]:
-    """Arms in table order: for each budget, every budgeted arm; budget-free arms (e.g. all-heavy) first.
+    """This shard's arms in table order: budget-free arms (e.g. all-heavy) first, then each budget's.
 
     Every policy is built here, before any model loads, so a bad arm fails the sweep at once.
     """
     budgets = list(experiment.budgets or [])
     for budget in budgets:
         check_budget(budget)
-    if not experiment.arms:
-        raise ConfigError(f"experiment {experiment.name!r} has no arms; add policy configs under experiment.arms")
-    if experiment.reference is not None and experiment.reference not in experiment.arms:
-        raise ConfigError(f"experiment.reference={experiment.reference!r} is not one of its arms: {', '.join(experiment.arms)}")
+    if not 0 <= experiment.shard_index < experiment.num_shards:
+        raise ConfigError(f"experiment.shard_index={experiment.shard_index} is invalid; it must lie in 0..num_shards-1 ({experiment.num_shards - 1})")
     fixed, budgeted = [], []
-    for name, policy_cfg in experiment.arms.items():
-        config = OmegaConf.to_container(policy_cfg, resolve=True)
+    for name, config in arm_configs(experiment).items():
         if "budget" not in config or not budgets:
-            fixed.append(Arm(str(name), None, config, instantiate(policy_cfg)))
-            continue
-        for budget in budgets:
-            with_budget = {**config, "budget": budget}
-            budgeted.append((budget, Arm(str(name), budget, with_budget, instantiate(OmegaConf.create(with_budget)))))
-    return fixed + [arm for _, arm in sorted(budgeted, key=lambda pair: pair[0])]
+            fixed.append((name, None, {key: value for key, value in config.items() if key != "budget"}))
+        budgeted += [(name, budget, {**config, "budget": budget}) for budget in budgets if "budget" in config]
+    ordered = fixed + sorted(budgeted, key=lambda arm: arm[1])  # stable: arms keep their order within a budget
+    mine = list(enumerate(ordered))[experiment.shard_index :: experiment.num_shards]
+    return [Arm(index, name, budget, config, instantiate(OmegaConf.create(config))) for index, (name, budget, config) in mine]
 
 
 def sweep_settings(cfg: DictConfig) -> dict[str, Any]:
-    """What every arm of a sweep must share for their rows to be comparable (checked when resuming)."""
+    """What every arm of a sweep (and every shard) must share for their rows to be comparable."""
     return {
+        "experiment": {key: OmegaConf.to_container(cfg.experiment, resolve=True)[key] for key in ("name", "reference", "segment_search")},
         "family": {"dir": str(cfg.family.dir), "members": list(cfg.family.members)},
         "sampling": OmegaConf.to_container(cfg.sampling, resolve=True) | {"batch_size": None},  # batch size never changes samples
         "seed": cfg.seed,
@@ -82,10 +94,11 @@ def sweep_settings(cfg: DictConfig) -> dict[str, Any]:
 
 
 def sweep(cfg: DictConfig) -> list[dict[str, Any]]:
-    """Run every unfinished arm, then write table.csv, results.json and quality_vs_compute.png; returns the rows."""
+    """Run every unfinished arm of this shard, then write its report; returns the table's rows."""
     arms = expand_arms(cfg.experiment)
     run_dir = Path(cfg.run_dir)
-    log = ArmLog(run_dir, sweep_settings(cfg))
+    settings = sweep_settings(cfg)
+    log = ArmLog(run_dir, settings)
     finished = log.load()
     for arm in arms:
         if arm.label in finished and finished[arm.label]["policy_config"] != arm.config:
@@ -98,13 +111,22 @@ def sweep(cfg: DictConfig) -> list[dict[str, Any]]:
     if todo:
         run_arms(cfg, todo, log, start=len(arms) - len(todo), total=len(arms))
         finished = log.load()
-    records = [finished[arm.label] for arm in arms]
-    rows = sweep_rows(records, cfg.experiment.reference)
-    write_text_atomic(run_dir / "table.csv", to_csv(rows, SWEEP_COLUMNS))
-    write_json_atomic(run_dir / "results.json", {"experiment": cfg.experiment.name, "reference": cfg.experiment.reference, "rows": rows})
-    plot_quality_vs_compute(records, run_dir / "quality_vs_compute.png")
+    return write_report(run_dir, settings["experiment"], [finished[arm.label] for arm in arms])
+
+
+def write_report(folder: Path, experiment: dict[str, Any], records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """table.csv, results.json, the quality-vs-compute and per-arm figures, and the segment analysis if searched."""
+    rows = sweep_rows(records, experiment["reference"])
+    results: dict[str, Any] = {"experiment": experiment["name"], "reference": experiment["reference"], "rows": rows}
+    if experiment.get("segment_search") is not None:
+        results["segment_search"] = analysis(records)
+        plot_analysis(records, folder)
+    write_text_atomic(folder / "table.csv", to_csv(rows, SWEEP_COLUMNS))
+    write_json_atomic(folder / "results.json", results)
+    plot_quality_vs_compute(records, folder / "quality_vs_compute.png")
+    plot_arms(records, folder / "gen_ppl.png")
     print(format_table(rows, SWEEP_COLUMNS))
-    print(f"\nwrote {run_dir / 'table.csv'}, results.json and quality_vs_compute.png")
+    print(f"\nwrote {folder / 'table.csv'}, results.json and figures")
     return rows
 
 
@@ -124,7 +146,7 @@ def run_arms(cfg: DictConfig, arms: list[Arm], log: ArmLog, start: int, total: i
         texts, ids = decode(tokenizer, generation)
         quality = evaluate_samples(texts, ids, evaluator, evaluator_tokenizer, cfg.eval.batch_size, device)
         record: dict[str, Any] = {
-            "label": arm.label, "arm": arm.name, "budget": arm.budget, "policy": arm.policy.name,
+            "label": arm.label, "index": arm.index, "arm": arm.name, "budget": arm.budget, "policy": arm.policy.name,
             "policy_config": arm.config, "seeds": generation.seeds.tolist(), **quality, **meter.summary(),
             "wall_s": {"sampling": generation.wall_s},
         }
@@ -137,3 +159,22 @@ def run_arms(cfg: DictConfig, arms: list[Arm], log: ArmLog, start: int, total: i
         log.append(record)
         summary = {key: value for key, value in record.items() if key not in ("nll", "seeds")}
         log_run(cfg, f"{cfg.experiment.name}__{arm.label}", summary, texts, quality["nll"], record["seeds"], {"schedule": schedule})
+
+
+def merge_shards(folder: Path) -> list[dict[str, Any]]:
+    """Combine the arm logs of a sweep's shards (e.g. a Hydra multirun) under ``folder`` and report on them all.
+
+    The shards must share their settings; an arm found in several shards is counted once.
+    """
+    settings_files = sorted(folder.rglob(SETTINGS_FILE))
+    if not settings_files:
+        raise ConfigError(f"no sweep under {folder} (no {SETTINGS_FILE}); pass the multirun folder of a sweep")
+    settings = [json.loads(path.read_text(encoding="utf-8")) for path in settings_files]
+    differing = [str(path.parent) for path, s in zip(settings_files, settings) if s != settings[0]]
+    if differing:
+        raise ConfigError(f"shards {', '.join(differing)} were run with other settings than {settings_files[0].parent}; they cannot be merged")
+    records: dict[str, dict[str, Any]] = {}
+    for path in settings_files:
+        records |= ArmLog(path.parent, settings[0]).load()
+    print(f"merging {len(records)} arms from {len(settings_files)} shards")
+    return write_report(folder, settings[0]["experiment"], sorted(records.values(), key=lambda record: record["index"]))

@@ -1,0 +1,25 @@
+"""Merge a sweep run as several jobs:  python experiments/merge_sweep.py runs/multirun/shakespeare/exhaustive
+
+Each job of ``python experiments/sweep.py -m experiment=exhaustive experiment.num_shards=4
+'experiment.shard_index=range(0,4)'`` keeps its own arm log; this writes the table, results.json and
+figures over all of them into the given folder.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+from adasched.cli import user_errors_exit
+from adasched.jobs.sweep import merge_shards
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folder", type=Path, help="the folder holding the shards' run folders")
+    args = parser.parse_args(argv)
+    with user_errors_exit():
+        merge_shards(args.folder)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
