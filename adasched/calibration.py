@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
+import torch
+
 from adasched.costs import CostMeter
 from adasched.errors import ConfigError
 from adasched.generation import generate
@@ -46,7 +48,7 @@ def executed_saving(
 ) -> float:
     """The executed FLOPs saving of ``policy`` on ``num_samples`` samples from ``base_seed`` on."""
     meter = CostMeter([str(i) for i in range(len(models))], [m.config.n_blocks for m in models])
-    generate(models, policy, num_samples, batch_size, base_seed, num_steps, seq_len, meter, budget=getattr(policy, "budget", None), progress=False)
+    generate(models, policy, base_seed + torch.arange(num_samples), batch_size, num_steps, seq_len, meter, budget=getattr(policy, "budget", None), progress=False)
     return meter.saved_executed()
 
 

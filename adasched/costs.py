@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from adasched.errors import ConfigError
+
 
 @dataclass
 class CostMeter:
@@ -37,6 +39,16 @@ class CostMeter:
         self.flops[model] += flops
         self.forwards[model] += rows
         self.batched_forwards[model] += 1
+
+    def merge(self, other: CostMeter) -> None:
+        """Add the costs ``other`` counted for the same family (another process's share of a run)."""
+        if (other.names, other.blocks) != (self.names, self.blocks):
+            raise ConfigError(f"cannot merge costs of family {other.names} {other.blocks} into {self.names} {self.blocks}")
+        for name in ("flops", "forwards", "batched_forwards", "wall_s"):
+            setattr(self, name, [a + b for a, b in zip(getattr(self, name), getattr(other, name))])
+        self.baseline_flops += other.baseline_flops
+        self.nominal_saving_sum += other.nominal_saving_sum
+        self.decisions += other.decisions
 
     def add_baseline(self, flops: float) -> None:
         """What all-heavy would have executed for the same rows and projections (probes excluded)."""

@@ -160,20 +160,12 @@ def distinct_n(token_ids: list[list[int]], n: int) -> float:
     return len(set(ngrams)) / len(ngrams) if ngrams else 0.0
 
 
-def evaluate_samples(
-    texts: list[str],
-    token_ids: list[list[int]],
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    batch_size: int,
-    device: torch.device | str,
-    baseline_nll: torch.Tensor | None = None,
-) -> dict[str, Any]:
-    """JSON-ready metrics of one sample set: ``texts`` scored by the evaluator, ``token_ids`` (the generator's
-    own ids) for diversity; ``baseline_nll`` (per-sample, same order) adds the paired perplexity difference."""
-    if len(texts) != len(token_ids):
-        raise ConfigError(f"{len(texts)} texts but {len(token_ids)} token id lists; they must be the same samples")
-    scores = sample_nll(texts, model, tokenizer, batch_size, None, device)
+def evaluate_samples(scores: SampleScores, token_ids: list[list[int]], baseline_nll: torch.Tensor | None = None) -> dict[str, Any]:
+    """JSON-ready metrics of one sample set: the evaluator's ``scores`` of the decoded texts (``sample_nll``),
+    ``token_ids`` (the generator's own ids) for diversity; ``baseline_nll`` (per-sample, same order) adds the
+    paired perplexity difference."""
+    if len(scores.nll) != len(token_ids):
+        raise ConfigError(f"{len(scores.nll)} scores but {len(token_ids)} token id lists; they must be the same samples")
     perplexity = scores.nll.exp()
     ppl_mean, ppl_ci = mean_ci95(perplexity)
     corpus_nll = (scores.nll * scores.tokens).sum() / scores.tokens.sum()

@@ -41,9 +41,8 @@ def validation_prompts(blocks: torch.Tensor, seeds: torch.Tensor, prefix_len: in
 def generate(
     models: Sequence[MDLMDenoiser],
     policy: Policy,
-    num_samples: int,
+    seeds: torch.Tensor,
     batch_size: int,
-    base_seed: int,
     num_steps: int,
     seq_len: int,
     meter: CostMeter,
@@ -53,11 +52,11 @@ def generate(
     sampler: Sampler = sample,
     progress: bool = True,
 ) -> Generation:
-    """``num_samples`` sequences in batches of ``batch_size``; ``prompts`` (N, k) fix each sample's first k tokens."""
+    """One sequence per seed (N,) in batches of ``batch_size``; ``prompts`` (N, k) fix each sample's first k tokens."""
+    num_samples = len(seeds)
     for field, value in {"num_samples": num_samples, "batch_size": batch_size}.items():
         if value <= 0:
             raise ConfigError(f"{field}={value} is invalid; it must be a positive integer")
-    seeds = base_seed + torch.arange(num_samples)
     tokens, actions, wall = [], [], 0.0
     device = next(models[0].parameters()).device
     bar = tqdm(total=-(-num_samples // batch_size) * num_steps, desc=f"sampling [{policy.name}]", unit="step", disable=not progress)

@@ -130,7 +130,7 @@ def test_evaluate_samples_is_json_ready_and_consistent(loaded) -> None:
     model, tokenizer = loaded
     token_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in TEXTS]
     scores = sample_nll(TEXTS, model, tokenizer, 2, None, "cpu")
-    result = evaluate_samples(TEXTS, token_ids, model, tokenizer, 2, "cpu", baseline_nll=scores.nll - 0.5)
+    result = evaluate_samples(scores, token_ids, baseline_nll=scores.nll - 0.5)
     json.dumps(result, allow_nan=False)
     assert result["nll"] == pytest.approx(scores.nll.tolist(), abs=1e-9)
     corpus = math.exp((scores.nll * scores.tokens).sum().item() / scores.tokens.sum().item())
@@ -140,7 +140,7 @@ def test_evaluate_samples_is_json_ready_and_consistent(loaded) -> None:
     assert result["gen_ppl_paired_diff"]["mean"] == pytest.approx(expected_diff)
     assert set(result["distinct"]) == {"1", "2", "3", "4"}
     assert result["entropy"]["mean"] == pytest.approx(unigram_entropy(token_ids).mean().item())
-    assert "gen_ppl_paired_diff" not in evaluate_samples(TEXTS, token_ids, model, tokenizer, 2, "cpu")
+    assert "gen_ppl_paired_diff" not in evaluate_samples(scores, token_ids)
 
 
 def one_line(error: pytest.ExceptionInfo) -> str:

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -18,7 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 from adasched.calibration import Calibratable, Calibration, calibrate, check_disjoint_seeds
 from adasched.costs import CostMeter
 from adasched.errors import ConfigError
-from adasched.evaluation import evaluate_samples, load_evaluator, sample_nll
+from adasched.data_parallel import generate_data_parallel, predict_trainer, score_data_parallel
+from adasched.evaluation import SampleScores, evaluate_samples, load_evaluator, sample_nll
 from adasched.export import write_json_atomic
 from adasched.generation import Generation, generate, validation_prompts
 from adasched.models.family import load_family
@@ -48,11 +50,31 @@ def prompts_for(cfg: DictConfig, tokenizer: Any, seeds: torch.Tensor) -> torch.T
     return validation_prompts(torch.as_tensor(blocks), seeds, cfg.sampling.prefix_len)
 
 
-def sample_with(cfg: DictConfig, policy: Policy, models: list, meter: CostMeter, prompts: torch.Tensor | None) -> Generation:
-    return generate(
-        models, policy, cfg.sampling.num_samples, cfg.sampling.batch_size, cfg.seed, cfg.sampling.num_steps,
-        cfg.sampling.seq_len, meter, prompts=prompts, top_p=cfg.sampling.top_p, budget=policy.budget,
-    )
+def parallel_trainer(cfg: DictConfig) -> L.Trainer | None:
+    """The Lightning Trainer that spreads sampling and scoring over ``parallel.devices`` x ``num_nodes``
+    processes, or None to run in this process (one device)."""
+    if cfg.parallel.devices == 1 and cfg.parallel.num_nodes == 1:
+        return None
+    return predict_trainer(cfg.parallel.accelerator, cfg.parallel.devices, cfg.parallel.num_nodes)
+
+
+def sample_with(
+    cfg: DictConfig, policy: Policy, models: list, meter: CostMeter, prompts: torch.Tensor | None, trainer: L.Trainer | None = None
+) -> Generation:
+    """Sample i of the run has seed ``cfg.seed + i``, in one process or spread over the trainer's."""
+    seeds = cfg.seed + torch.arange(cfg.sampling.num_samples)
+    settings = dict(prompts=prompts, top_p=cfg.sampling.top_p, budget=policy.budget)
+    arguments = (models, policy, seeds, cfg.sampling.batch_size, cfg.sampling.num_steps, cfg.sampling.seq_len, meter)
+    if trainer is None:
+        return generate(*arguments, **settings)
+    return generate_data_parallel(trainer, *arguments, **settings)
+
+
+def score(cfg: DictConfig, texts: list[str], evaluator: Any, evaluator_tokenizer: Any, trainer: L.Trainer | None = None) -> SampleScores:
+    """The evaluator's per-sample NLL of ``texts``, in one process or spread over the trainer's."""
+    if trainer is None:
+        return sample_nll(texts, evaluator, evaluator_tokenizer, cfg.eval.batch_size, None, evaluator.device)
+    return score_data_parallel(trainer, texts, evaluator, evaluator_tokenizer, cfg.eval.batch_size)
 
 
 def calibrate_to_budget(cfg: DictConfig, label: str, policy: Policy, models: list) -> Calibration | None:
@@ -105,10 +127,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     prompts = prompts_for(cfg, tokenizer, seeds)
     evaluator, evaluator_tokenizer = load_evaluator(cfg.eval.ppl_model, device, cfg.eval.tokenizer_path)
     calibration = calibrate_to_budget(cfg, cfg.policy.name, policy, models)
+    trainer = parallel_trainer(cfg)
 
     def sample_and_decode(policy: Policy) -> tuple[Generation, CostMeter, list[str], list[list[int]]]:
         meter = CostMeter(names, depths)
-        generation = sample_with(cfg, policy, models, meter, prompts)
+        generation = sample_with(cfg, policy, models, meter, prompts, trainer)
         texts, ids = decode(tokenizer, generation)
         return generation, meter, texts, ids
 
@@ -118,8 +141,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         baseline = sample_and_decode(make_policy(BASELINE_POLICY))
     baseline_nll = None
     if baseline is not None:
-        baseline_nll = sample_nll(baseline[2], evaluator, evaluator_tokenizer, cfg.eval.batch_size, None, device).nll
-    quality = evaluate_samples(texts, ids, evaluator, evaluator_tokenizer, cfg.eval.batch_size, device, baseline_nll)
+        baseline_nll = score(cfg, baseline[2], evaluator, evaluator_tokenizer, trainer).nll
+    quality = evaluate_samples(score(cfg, texts, evaluator, evaluator_tokenizer, trainer), ids, baseline_nll)
 
     results: dict[str, Any] = {
         "policy": cfg.policy.name,
@@ -132,6 +155,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "top_p": cfg.sampling.top_p,
         "seed": cfg.seed,
         "device": str(device),
+        "processes": 1 if trainer is None else trainer.world_size,
         "evaluator": cfg.eval.ppl_model,
         **{key: value for key, value in quality.items() if key != "nll"},
         **meter.summary(),
@@ -144,6 +168,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         results["speedup_vs_all_heavy"] = baseline[0].wall_s / generation.wall_s
         results["wall_saved_vs_all_heavy"] = 1 - generation.wall_s / baseline[0].wall_s
 
+    if trainer is not None and not trainer.is_global_zero:
+        return results  # every process holds the whole run; one writes it
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(run_dir / "results.json", results)

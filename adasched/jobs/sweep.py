@@ -24,7 +24,7 @@ from adasched.costs import CostMeter
 from adasched.errors import ConfigError
 from adasched.evaluation import evaluate_samples, load_evaluator
 from adasched.export import write_json_atomic, write_text_atomic
-from adasched.jobs.run import calibrate_to_budget, calibration_record, decode, prompts_for, resolve_device, sample_with, write_samples
+from adasched.jobs.run import calibrate_to_budget, calibration_record, decode, prompts_for, resolve_device, sample_with, score, write_samples
 from adasched.models.family import load_family
 from adasched.plots import plot_arms, plot_quality_vs_compute, plot_schedule
 from adasched.segment_search import analysis, plot_analysis, segment_search_arms
@@ -144,7 +144,7 @@ def run_arms(cfg: DictConfig, arms: list[Arm], log: ArmLog, start: int, total: i
         meter = CostMeter(names, [m.config.n_blocks for m in models])
         generation = sample_with(cfg, arm.policy, models, meter, prompts)
         texts, ids = decode(tokenizer, generation)
-        quality = evaluate_samples(texts, ids, evaluator, evaluator_tokenizer, cfg.eval.batch_size, device)
+        quality = evaluate_samples(score(cfg, texts, evaluator, evaluator_tokenizer), ids)
         record: dict[str, Any] = {
             "label": arm.label, "index": arm.index, "arm": arm.name, "budget": arm.budget, "policy": arm.policy.name,
             "policy_config": arm.config, "seeds": generation.seeds.tolist(), **quality, **meter.summary(),
