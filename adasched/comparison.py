@@ -74,7 +74,7 @@ def to_csv(rows: Sequence[dict[str, Any]], columns: Sequence[str] = COLUMNS) -> 
 
 
 SWEEP_COLUMNS = (
-    "label", "budget", "gen_ppl", "ci95", "diff_vs_reference", "diff_ci95", "verdict", "entropy",
+    "label", "budget", "gen_ppl", "ci95", "diff_vs_reference", "diff_ci95", "verdict", "entropy", "distinct_2",
     "saved_executed_%", "saved_nominal_%", "knob", "wall_s", "speedup_vs_reference",
 )
 
@@ -107,6 +107,7 @@ def sweep_rows(records: Sequence[dict[str, Any]], reference: str | None) -> list
             "ci95": round(record["gen_ppl"]["ci95"], 2),
             "diff_vs_reference": "", "diff_ci95": "", "verdict": "",
             "entropy": round(record["entropy"]["mean"], 4),
+            "distinct_2": round(record["distinct"]["2"], 4),
             "saved_executed_%": round(100 * record["flops"]["saved_executed"], 2),
             "saved_nominal_%": round(100 * record["flops"]["saved_nominal"], 2),
             "knob": round(record["calibration"]["knob"], 4) if record.get("calibration") else "",
