@@ -13,6 +13,8 @@ from typing import Any
 import wandb
 from omegaconf import DictConfig, OmegaConf
 
+Table = tuple[list[str], list[list[Any]]]  # columns, rows
+
 
 def flatten(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
     """Numeric leaves of nested results as ``a/b/c`` keys (what W&B charts and compares)."""
@@ -26,11 +28,14 @@ def flatten(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
     return flat
 
 
-def log_run(
-    cfg: DictConfig, name: str, results: dict[str, Any], texts: list[str], nll: list[float], seeds: list[int], images: Mapping[str, Path]
-) -> None:
-    """One W&B run named ``name`` in the experiment's group: the config, ``results`` as summary, the samples
-    as a Table and ``images`` (name -> PNG)."""
+def samples_table(seeds: list[int], nll: list[float], texts: list[str]) -> Table:
+    """Generated samples as rows (seed, evaluator NLL, text): rerun any one alone with its seed."""
+    return ["seed", "nll", "text"], [[s, n, t] for s, n, t in zip(seeds, nll, texts)]
+
+
+def log_run(cfg: DictConfig, name: str, results: Mapping[str, Any], tables: Mapping[str, Table], images: Mapping[str, Path]) -> None:
+    """One W&B run named ``name`` in the experiment's group: the config, ``results`` as summary, ``tables``
+    (name -> (columns, rows)) as W&B Tables and ``images`` (name -> PNG)."""
     if cfg.logger.mode == "disabled":
         return
     run = wandb.init(
@@ -38,6 +43,6 @@ def log_run(
         dir=str(cfg.run_dir), config=OmegaConf.to_container(cfg, resolve=True), reinit="finish_previous",
     )
     run.summary.update(flatten(results))
-    samples = wandb.Table(columns=["seed", "nll", "text"], data=[[s, n, t] for s, n, t in zip(seeds, nll, texts)])
-    run.log({"samples": samples, **{key: wandb.Image(str(png)) for key, png in images.items()}})
+    logged = {key: wandb.Table(columns=columns, data=rows) for key, (columns, rows) in tables.items()}
+    run.log({**logged, **{key: wandb.Image(str(png)) for key, png in images.items()}})
     run.finish()

@@ -25,7 +25,7 @@ from adasched.export import write_json_atomic
 from adasched.generation import Generation, generate, validation_prompts
 from adasched.models.family import load_family
 from adasched.plots import plot_schedule
-from adasched.run_logging import log_run
+from adasched.run_logging import log_run, samples_table
 from adasched.tokenizer import load_tokenizer
 from policies import Policy, make_policy
 
@@ -175,7 +175,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     write_json_atomic(run_dir / "results.json", results)
     write_samples(run_dir / "samples.jsonl", generation, texts, quality["nll"], tokenizer)
     schedule_png = plot_schedule(generation.actions, names, f"{cfg.policy.name}: model per step", run_dir / "schedule.png")
-    log_run(cfg, cfg.run_name, results, texts, quality["nll"], generation.seeds.tolist(), {"schedule": schedule_png})
+    log_run(cfg, cfg.run_name, results, {"samples": samples_table(generation.seeds.tolist(), quality["nll"], texts)}, {"schedule": schedule_png})
     print_summary(results)
     return results
 

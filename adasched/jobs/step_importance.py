@@ -16,9 +16,8 @@ from typing import Any
 
 import matplotlib.pyplot as plt
 import torch
-import wandb
 from hydra.utils import instantiate
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig
 from tqdm.auto import tqdm
 
 from adasched.comparison import format_table, to_csv
@@ -28,7 +27,7 @@ from adasched.jobs.run import resolve_device
 from adasched.models.dit import MDLMDenoiser
 from adasched.models.family import load_family
 from adasched.plots import MODEL_COLORS, save_figure
-from adasched.run_logging import flatten
+from adasched.run_logging import log_run
 from adasched.step_importance import StepImportance, choose_sequences, peak_times, score_sequences, summarize, table_rows, time_grid
 from adasched.tokenizer import load_tokenizer
 
@@ -126,21 +125,6 @@ def plot_curves(
     return save_figure(figure, path)
 
 
-def log_to_wandb(cfg: DictConfig, payload: dict[str, Any], rows: list[dict[str, Any]], images: dict[str, Path]) -> None:
-    """One W&B run in the ``<family>-step_importance`` group: config, scalar results, the table and figures."""
-    if cfg.logger.mode == "disabled":
-        return
-    run = wandb.init(
-        project=cfg.logger.project, group=cfg.logger.group, name=cfg.logger.name, mode=cfg.logger.mode,
-        dir=str(cfg.run_dir), config=OmegaConf.to_container(cfg, resolve=True), reinit="finish_previous",
-    )
-    run.summary.update(flatten(payload))
-    columns = list(rows[0])
-    table = wandb.Table(columns=columns, data=[[row[c] for c in columns] for row in rows])
-    run.log({"step_importance": table, **{key: wandb.Image(str(png)) for key, png in images.items()}})
-    run.finish()
-
-
 def step_importance(cfg: DictConfig) -> dict[str, Any]:
     validate(cfg)
     device = resolve_device(cfg.device)
@@ -166,6 +150,7 @@ def step_importance(cfg: DictConfig) -> dict[str, Any]:
             result, result.kl_relative, result.kl_relative_ci95, depths, f"KL - KL({result.reference} || {result.baseline}) (nats)", run_dir / "kl_relative.png"
         ),
     }
-    log_to_wandb(cfg, payload, rows, images)
+    columns = list(rows[0])
+    log_run(cfg, cfg.logger.name, payload, {"step_importance": (columns, [[row[c] for c in columns] for row in rows])}, images)
     print(format_table([{c: round(v, 4) if isinstance(v, float) else v for c, v in row.items()} for row in rows], SHOWN_COLUMNS))
     return payload

@@ -28,7 +28,7 @@ from adasched.jobs.run import calibrate_to_budget, calibration_record, decode, p
 from adasched.models.family import load_family
 from adasched.plots import plot_arms, plot_quality_vs_compute, plot_schedule
 from adasched.segment_search import analysis, plot_analysis, segment_search_arms
-from adasched.run_logging import log_run
+from adasched.run_logging import log_run, samples_table
 from adasched.tokenizer import load_tokenizer
 from policies import Policy
 from policies.base import check_budget
@@ -158,7 +158,7 @@ def run_arms(cfg: DictConfig, arms: list[Arm], log: ArmLog, start: int, total: i
         schedule = plot_schedule(generation.actions, names, f"{arm.label}: model per step", log.folder / "schedules" / f"{arm.label}.png")
         log.append(record)
         summary = {key: value for key, value in record.items() if key not in ("nll", "seeds")}
-        log_run(cfg, f"{cfg.experiment.name}__{arm.label}", summary, texts, quality["nll"], record["seeds"], {"schedule": schedule})
+        log_run(cfg, f"{cfg.experiment.name}__{arm.label}", summary, {"samples": samples_table(record["seeds"], quality["nll"], texts)}, {"schedule": schedule})
 
 
 def merge_shards(folder: Path) -> list[dict[str, Any]]:
