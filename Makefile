@@ -31,6 +31,9 @@ family: install
 	$(PY) experiments/train.py model=heavy seed=1 run_name=heavy_seed1 export_dir=checkpoints/shakespeare/heavy_seed1
 	$(PY) experiments/train.py model=light seed=0 export_dir=checkpoints/shakespeare/light
 	$(PY) experiments/train.py model=ar_evaluator seed=0 export_dir=checkpoints/shakespeare/ar_evaluator
+	$(PY) experiments/train.py model=light_b3 seed=0 export_dir=checkpoints/shakespeare/light_b3
+	$(PY) experiments/train.py model=light_b4 seed=0 export_dir=checkpoints/shakespeare/light_b4
+	$(PY) experiments/train.py model=light_b5 seed=0 export_dir=checkpoints/shakespeare/light_b5
 
 # Validation NELBO of the shipped members (the README's family table).
 family-scores: install

@@ -168,3 +168,13 @@ def test_a_hydra_multirun_over_shards_with_joblib_merges(tiny_family: Path, tmp_
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir() and p.name.startswith("shard")) == ["shard0-of-2", "shard1-of-2"]
     subprocess.run([sys.executable, "experiments/merge_sweep.py", str(tmp_path)], cwd=ROOT, env=environment, check=True)
     assert [row["label"] for row in read_table(tmp_path)] == ["static_heavy", *segment_search_arms(4, 2)]
+
+
+@pytest.mark.parametrize("experiment", sorted(path.stem for path in (ROOT / "experiments" / "configs" / "experiment").glob("*.yaml")))
+def test_every_shipped_experiment_expands_to_arms_of_shipped_members(experiment: str) -> None:
+    cfg = compose_config("sweep", [f"experiment={experiment}", "logger.mode=disabled"])
+    arms = sweep_job.expand_arms(cfg.experiment)
+    assert cfg.experiment.reference in {arm.name for arm in arms}
+    members = list(cfg.family.members)
+    assert all((Path(cfg.family.dir) / member / "model.safetensors").is_file() for member in members), members
+    assert all(arm.config.get("light", 1) < len(members) for arm in arms)
