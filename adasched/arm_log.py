@@ -68,3 +68,21 @@ class ArmLog:
             handle.write(line)
             handle.flush()
             os.fsync(handle.fileno())
+
+
+def read_sweep(folder: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]], list[Path]]:
+    """The shared settings and the finished arms (by label) of a sweep folder, or of every shard of one sweep
+    under a multirun folder, with the folders they came from. Shards run with other settings are refused: their
+    arms would not be comparable. An arm found in several shards is counted once."""
+    settings_files = sorted(folder.rglob(SETTINGS_FILE))
+    if not settings_files:
+        raise ConfigError(f"no sweep under {folder} (no {SETTINGS_FILE}); pass the folder of a sweep or of its multirun")
+    settings = [json.loads(path.read_text(encoding="utf-8")) for path in settings_files]
+    differing = [str(path.parent) for path, s in zip(settings_files, settings) if s != settings[0]]
+    if differing:
+        raise ConfigError(f"shards {', '.join(differing)} were run with other settings than {settings_files[0].parent}; they cannot be merged")
+    folders = [path.parent for path in settings_files]
+    records: dict[str, dict[str, Any]] = {}
+    for shard in folders:
+        records |= ArmLog(shard, settings[0]).load()
+    return settings[0], records, folders

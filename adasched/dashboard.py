@@ -19,7 +19,7 @@ import wandb_workspaces.reports.v2 as wr
 from omegaconf import DictConfig, OmegaConf
 from wandb_workspaces import expr
 
-from adasched.arm_log import ARMS_FILE, SETTINGS_FILE, ArmLog
+from adasched.arm_log import read_sweep
 from adasched.comparison import COLUMNS, SWEEP_COLUMNS, find_results, load_rows, table_rows
 from adasched.errors import ConfigError
 from adasched.export import write_text_atomic
@@ -67,18 +67,17 @@ def logged_to(folders: Sequence[Path]) -> tuple[str | None, list[str]]:
 
 
 def load_sweep(folder: Path) -> Experiment:
-    """A folder written by ``experiments/sweep.py``: its table (results.json) and its finished arms (arms.jsonl)."""
+    """A folder written by ``experiments/sweep.py``, or a multirun folder of its shards after
+    ``experiments/merge_sweep.py``: its table (results.json) and its finished arms (the shards' arms.jsonl)."""
     if not folder.is_dir():
         raise ConfigError(f"no such sweep folder: {folder}")
-    expected = (RESULTS_FILE, SETTINGS_FILE, ARMS_FILE)
-    if not all((folder / name).is_file() for name in expected):
-        raise ConfigError(f"{folder} is not a finished sweep: expected {', '.join(expected)}, as experiments/sweep.py writes them")
+    if not (folder / RESULTS_FILE).is_file():
+        raise ConfigError(f"{folder} is not a finished sweep: no {RESULTS_FILE}, as experiments/sweep.py (or merge_sweep.py for a multirun) writes it")
     results = json.loads((folder / RESULTS_FILE).read_text(encoding="utf-8"))
-    settings = json.loads((folder / SETTINGS_FILE).read_text(encoding="utf-8"))
-    finished = ArmLog(folder, settings).load()
+    settings, finished, shards = read_sweep(folder)
     records = [finished[row["label"]] for row in results["rows"]]  # the table's arms, in its order
     seed, sampling = settings["seed"], settings["sampling"]
-    project, groups = logged_to([folder])
+    project, groups = logged_to(shards)
     return Experiment(
         name=results["experiment"], sources=[folder],
         description=(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +22,7 @@ from adasched.dashboard import build_report, dashboard, load_sweep
 from adasched.errors import ConfigError
 from adasched.export import write_json_atomic
 from adasched.jobs import sweep as sweep_job
-from adasched.jobs.sweep import sweep
+from adasched.jobs.sweep import merge_shards, sweep
 from adasched.run_logging import flatten
 from tests.conftest import ROOT, compose_config
 from tests.test_sweep import sweep_config
@@ -121,7 +122,23 @@ def test_run_folders_make_a_dashboard_too(placement, tmp_path: Path) -> None:
     assert (tmp_path / "runs" / "dashboard" / "quality_vs_compute.png").is_file()
 
 
-@pytest.mark.parametrize(("make", "message"), [("missing", "no such sweep folder: "), ("run", "is not a finished sweep: expected results.json")])
+def test_a_merged_multirun_makes_the_same_dashboard_as_one_sweep(placement, tmp_path: Path) -> None:
+    folder, _ = placement
+    lines = (folder / "arms.jsonl").read_text().splitlines(keepends=True)
+    for shard in range(2):  # the arms split over two shards, as a multirun over experiment.shard_index leaves them
+        shard_dir = tmp_path / "multirun" / f"shard{shard}-of-2"
+        shutil.copytree(folder / ".hydra", shard_dir / ".hydra")
+        shutil.copy(folder / "settings.json", shard_dir)
+        (shard_dir / "arms.jsonl").write_text("".join(lines[shard::2]))
+    merge_shards(tmp_path / "multirun")
+    merged = dashboard(dashboard_config(f"sweep_dir={tmp_path / 'multirun'}", f"out_dir={tmp_path / 'merged'}"), COMMAND).read_text()
+    single = dashboard(dashboard_config(f"sweep_dir={folder}", f"out_dir={tmp_path / 'single'}"), COMMAND).read_text()
+    table = [line for line in single.splitlines() if line.startswith("| `")]
+    assert len(table) == 6 and table == [line for line in merged.splitlines() if line.startswith("| `")]
+    assert "group `shakespeare-placement`" in merged
+
+
+@pytest.mark.parametrize(("make", "message"), [("missing", "no such sweep folder: "), ("run", "no sweep under ")])
 def test_a_missing_or_non_sweep_folder_is_refused(tmp_path: Path, make: str, message: str) -> None:
     folder = tmp_path / make
     if make == "run":

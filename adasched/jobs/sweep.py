@@ -9,7 +9,6 @@ the same command skips them, so a sweep killed mid-way finishes with the table a
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from adasched.arm_log import SETTINGS_FILE, ArmLog
+from adasched.arm_log import ArmLog, read_sweep
 from adasched.comparison import SWEEP_COLUMNS, format_table, sweep_rows, to_csv
 from adasched.costs import CostMeter
 from adasched.errors import ConfigError
@@ -164,17 +163,8 @@ def run_arms(cfg: DictConfig, arms: list[Arm], log: ArmLog, start: int, total: i
 def merge_shards(folder: Path) -> list[dict[str, Any]]:
     """Combine the arm logs of a sweep's shards (e.g. a Hydra multirun) under ``folder`` and report on them all.
 
-    The shards must share their settings; an arm found in several shards is counted once.
+    The shards must share their settings (see ``read_sweep``).
     """
-    settings_files = sorted(folder.rglob(SETTINGS_FILE))
-    if not settings_files:
-        raise ConfigError(f"no sweep under {folder} (no {SETTINGS_FILE}); pass the multirun folder of a sweep")
-    settings = [json.loads(path.read_text(encoding="utf-8")) for path in settings_files]
-    differing = [str(path.parent) for path, s in zip(settings_files, settings) if s != settings[0]]
-    if differing:
-        raise ConfigError(f"shards {', '.join(differing)} were run with other settings than {settings_files[0].parent}; they cannot be merged")
-    records: dict[str, dict[str, Any]] = {}
-    for path in settings_files:
-        records |= ArmLog(path.parent, settings[0]).load()
-    print(f"merging {len(records)} arms from {len(settings_files)} shards")
-    return write_report(folder, settings[0]["experiment"], sorted(records.values(), key=lambda record: record["index"]))
+    settings, records, shards = read_sweep(folder)
+    print(f"merging {len(records)} arms from {len(shards)} shards")
+    return write_report(folder, settings["experiment"], sorted(records.values(), key=lambda record: record["index"]))
