@@ -63,8 +63,12 @@ def test_every_arm_runs_at_every_budget_and_pairs_with_the_reference(tiny_family
     assert (tmp_path / "quality_vs_compute.png").stat().st_size > 1000
 
 
-def test_a_killed_sweep_resumes_to_the_same_table(tiny_family: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    sweep(sweep_config(tiny_family, tmp_path / "uninterrupted"))
+SEARCH = ["experiment=exhaustive", "experiment.segment_search.num_segments=4", "experiment.segment_search.light_segments=2"]
+
+
+@pytest.mark.parametrize("experiment", [[], SEARCH], ids=["budget_comparison", "exhaustive"])
+def test_a_killed_sweep_resumes_to_the_same_table(tiny_family: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, experiment: list[str]) -> None:
+    rows = sweep(sweep_config(tiny_family, tmp_path / "uninterrupted", *experiment))
 
     evaluate = sweep_job.evaluate_samples
     calls, crash_at = [], [4]
@@ -79,16 +83,18 @@ def test_a_killed_sweep_resumes_to_the_same_table(tiny_family: Path, tmp_path: P
     monkeypatch.setattr(sweep_job, "evaluate_samples", crash_on_the_fourth_arm)
     resumed = tmp_path / "resumed"
     with pytest.raises(Killed):
-        sweep(sweep_config(tiny_family, resumed))
+        sweep(sweep_config(tiny_family, resumed, *experiment))
     lines = (resumed / "arms.jsonl").read_text().splitlines()
     assert len(lines) == 3 and not (resumed / "table.csv").exists()
     with (resumed / "arms.jsonl").open("a") as handle:
         handle.write(lines[0][: len(lines[0]) // 2])  # a line torn by a kill mid-write
 
     calls.clear()
-    sweep(sweep_config(tiny_family, resumed))
-    assert len(calls) == 1 + 4 * 2 - 3  # only the arms not finished before the crash
+    sweep(sweep_config(tiny_family, resumed, *experiment))
+    assert len(calls) == len(rows) - 3  # only the arms not finished before the crash
     assert read_table(resumed) == read_table(tmp_path / "uninterrupted")
+    analyses = [json.loads((folder / "results.json").read_text()).get("segment_search") for folder in (resumed, tmp_path / "uninterrupted")]
+    assert analyses[0] == analyses[1] and (analyses[0] is not None) == bool(experiment)  # the exhaustive search's too
 
 
 def test_resuming_under_other_settings_or_arms_is_refused(tiny_family: Path, tmp_path: Path) -> None:
@@ -138,11 +144,10 @@ def test_segment_influence_and_frequencies_follow_eq_8() -> None:
 
 
 def test_shards_merge_to_the_single_job_table_with_the_segment_analysis(tiny_family: Path, tmp_path: Path) -> None:
-    search = ["experiment=exhaustive", "experiment.segment_search.num_segments=4", "experiment.segment_search.light_segments=2"]
-    single = sweep(sweep_config(tiny_family, tmp_path / "single", *search))
+    single = sweep(sweep_config(tiny_family, tmp_path / "single", *SEARCH))
     assert len(single) == 1 + 6
     for shard in range(2):
-        sweep(sweep_config(tiny_family, tmp_path / "multirun" / f"shard{shard}", *search, f"experiment.shard_index={shard}", "experiment.num_shards=2"))
+        sweep(sweep_config(tiny_family, tmp_path / "multirun" / f"shard{shard}", *SEARCH, f"experiment.shard_index={shard}", "experiment.num_shards=2"))
     merged = merge_shards(tmp_path / "multirun")
     assert [row["label"] for row in merged] == [row["label"] for row in single]
     assert read_table(tmp_path / "multirun") == read_table(tmp_path / "single")
@@ -150,7 +155,7 @@ def test_shards_merge_to_the_single_job_table_with_the_segment_analysis(tiny_fam
     assert results["segment_search"]["schedules"] == 6 and len(results["segment_search"]["influence"]) == 4
     for figure in ("segments_best_worst", "segments_frequency", "segments_influence", "gen_ppl"):
         assert (tmp_path / "multirun" / f"{figure}.png").stat().st_size > 1000
-    sweep(sweep_config(tiny_family, tmp_path / "multirun" / "odd", *search, "seed=5"))
+    sweep(sweep_config(tiny_family, tmp_path / "multirun" / "odd", *SEARCH, "seed=5"))
     with pytest.raises(ConfigError, match="other settings"):
         merge_shards(tmp_path / "multirun")
 
@@ -159,8 +164,7 @@ def test_shards_merge_to_the_single_job_table_with_the_segment_analysis(tiny_fam
 def test_a_hydra_multirun_over_shards_with_joblib_merges(tiny_family: Path, tmp_path: Path) -> None:
     settings = [
         f"family.dir={tiny_family}", "sampling.num_samples=4", "sampling.batch_size=4", "sampling.num_steps=20", "sampling.seq_len=16",
-        "eval.batch_size=4", "logger.mode=disabled", "device=cpu", "experiment=exhaustive",
-        "experiment.segment_search.num_segments=4", "experiment.segment_search.light_segments=2",
+        "eval.batch_size=4", "logger.mode=disabled", "device=cpu", *SEARCH,
     ]
     shards = ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "experiment.num_shards=2", "experiment.shard_index=range(0,2)"]
     environment = {**os.environ, "WANDB_MODE": "disabled"}
