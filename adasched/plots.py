@@ -60,3 +60,18 @@ def plot_arms(rows: Sequence[dict], path: Path) -> Path:
     axis.set_ylabel("generative perplexity (95% CI)")
     axis.grid(axis="y", alpha=0.3)
     return save_figure(figure, path)
+
+
+def plot_learning_curves(curves: dict[str, Sequence], path: Path, title: str) -> Path:
+    """Validation loss against tokens seen (``CurvePoint`` rows), one line per named curve, best point marked."""
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for name, points in curves.items():
+        line, = axis.plot([p.tokens_seen / 1e6 for p in points], [p.val_loss for p in points], label=name, linewidth=1.5)
+        best = min(points, key=lambda p: p.val_loss)
+        axis.scatter([best.tokens_seen / 1e6], [best.val_loss], s=18, color=line.get_color(), zorder=3)
+    axis.set_xlabel("tokens seen (millions)")
+    axis.set_ylabel("validation loss (nats/token)")
+    axis.set_title(title)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    return save_figure(figure, path)

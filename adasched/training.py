@@ -6,6 +6,7 @@ what a loss is lives in an objective, so the denoisers and the evaluator are tra
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable
 from typing import Any, Protocol
@@ -54,8 +55,33 @@ class CausalLMObjective:
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).loss
 
 
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, final_lr_ratio: float) -> float:
+    """LR multiplier: linear warmup to 1, then a cosine down to ``final_lr_ratio`` at ``total_steps``.
+
+    ``final_lr_ratio=1`` keeps the LR constant after warmup (MDLM's schedule).
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(total_steps - warmup_steps, 1))
+    return final_lr_ratio + (1.0 - final_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def compile_blocks(model: nn.Module) -> None:
+    """``torch.compile`` each repeated Transformer block in place (the denoisers' and GPT-2's).
+
+    Compiling blocks rather than the whole model keeps the objectives free to call any part of the model
+    (the MDLM loss projects only masked positions, a data-dependent shape) while the fused block kernels
+    give the speed: with bf16 autocast on CPU, about 1.3x over eager at the heavy depth.
+    """
+    blocks = getattr(model, "blocks", None) or getattr(getattr(model, "transformer", None), "h", None)
+    if blocks is None:
+        raise TypeError(f"{type(model).__name__} has no .blocks or .transformer.h to compile")
+    for block in blocks:
+        block.compile()
+
+
 class LanguageModelModule(L.LightningModule):
-    """AdamW with linear warmup (then constant, as MDLM), train/validation loss logging, tokens and time kept."""
+    """AdamW with warmup and cosine decay, train/validation loss logging, tokens and time kept."""
 
     def __init__(
         self,
@@ -65,6 +91,8 @@ class LanguageModelModule(L.LightningModule):
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.999),
         warmup_steps: int = 500,
+        final_lr_ratio: float = 0.1,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         self.model = model
@@ -73,6 +101,9 @@ class LanguageModelModule(L.LightningModule):
         self.weight_decay = weight_decay
         self.betas = tuple(betas)
         self.warmup_steps = warmup_steps
+        self.final_lr_ratio = final_lr_ratio
+        if compile:
+            compile_blocks(model)
         self.tokens_seen = 0
         self.train_seconds = 0.0
         self._clock = time.perf_counter()
@@ -94,8 +125,8 @@ class LanguageModelModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
-        warmup = max(self.warmup_steps, 1)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        total, warmup, final = self.trainer.max_steps, self.warmup_steps, self.final_lr_ratio
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup, total, final))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

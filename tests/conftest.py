@@ -75,6 +75,7 @@ def tiny_train_config(tmp_path: Path, corpus: dict[str, str], model: str = "ligh
         "trainer.enable_progress_bar=false",
         "logger.mode=disabled",
         "optim.warmup_steps=2",
+        "optim.compile=false",  # compiling takes longer than these trainings; tested on its own
         "checkpoint_every_n_steps=2",
     ]
     if model == "ar_evaluator":

@@ -14,7 +14,9 @@ from omegaconf import open_dict
 
 from adasched.errors import ConfigError
 from adasched.jobs.train import train
+from adasched.learning_curve import CurvePoint, plateau, read_curve
 from adasched.models.family import load_denoiser
+from adasched.training import compile_blocks, warmup_cosine
 from tests.conftest import ROOT, compose_config, tiny_train_config
 
 
@@ -38,6 +40,15 @@ def test_train_exports_a_denoiser_with_metadata_and_resumes(tmp_path: Path, tiny
     resumed = train(cfg)  # same run_dir: continues from last.ckpt instead of starting over
     assert resumed["steps"] == 6 and 6 * 8 * 32 - 64 < resumed["tokens_seen"] <= 6 * 8 * 32
     assert resumed["train_wall_seconds"] >= first["train_wall_seconds"]
+    # one curve point per validation, kept across the resume, shipped beside the model with its plot
+    curve = read_curve(exported / "learning_curve.csv")
+    assert [p.step for p in curve] == [2, 4, 6]
+    assert all(a.tokens_seen < b.tokens_seen for a, b in zip(curve, curve[1:]))
+    assert (exported / "learning_curve.png").is_file()
+    saved = json.loads((exported / "metadata.json").read_text())
+    assert saved["learning_curve"] == "learning_curve.csv"
+    assert saved["plateau"]["best_val_loss"] == min(p.val_loss for p in curve)
+    assert not (exported / "tokenizer.json").exists()  # one tokenizer per family, not one per member
 
 
 def test_a_fresh_start_never_overwrites_an_earlier_run(tmp_path: Path, tiny_corpus: dict[str, str]) -> None:
@@ -104,3 +115,42 @@ def test_ddp_with_two_cpu_processes(tmp_path: Path, tiny_corpus: dict[str, str])
     metadata = json.loads((tmp_path / "export" / "metadata.json").read_text())
     assert metadata["steps"] == 4
     assert metadata["tokens_seen"] > 4 * 4 * 32  # two processes: more tokens than one process could see
+
+
+def test_the_schedule_warms_up_then_decays_to_its_final_ratio() -> None:
+    lrs = [warmup_cosine(step, warmup_steps=10, total_steps=110, final_lr_ratio=0.1) for step in range(130)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))  # monotone decay after warmup
+    assert lrs[60] == pytest.approx(0.55)  # halfway through the cosine
+    assert lrs[110] == pytest.approx(0.1) and lrs[129] == pytest.approx(0.1)  # held at the floor after the end
+    assert warmup_cosine(500, 10, 110, 1.0) == 1.0  # ratio 1: constant after warmup
+
+
+def test_plateau_reports_the_gain_of_the_last_fifth_and_a_rising_loss() -> None:
+    def curve(losses: list[float]) -> list[CurvePoint]:
+        return [CurvePoint(step=i, tokens_seen=100 * i, train_seconds=i, lr=1e-3, val_loss=v) for i, v in enumerate(losses, 1)]
+
+    still_learning = plateau(curve([5.0, 4.0, 3.5, 3.2, 3.1, 3.0, 2.95, 2.9, 2.85, 2.8]))
+    assert still_learning["gain_last"] == pytest.approx(0.1) and not still_learning["rising"]
+    overfit = plateau(curve([5.0, 4.0, 3.5, 3.4, 3.45, 3.5, 3.6, 3.7, 3.8, 3.9]))
+    assert overfit["gain_last"] < 0 and overfit["rising"] and overfit["best_step"] == 4
+
+
+def test_compiled_blocks_compute_what_eager_blocks_do(tiny_family: Path) -> None:
+    model = load_denoiser(tiny_family / "heavy")
+    z = torch.randint(0, model.config.vocab_size - 1, (2, 16))
+    z[:, ::3] = model.config.mask_token_id
+    expected = model(z)
+    compile_blocks(model)
+    assert all(block._compiled_call_impl is not None for block in model.blocks)
+    torch.testing.assert_close(model(z), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_run_ended_by_early_stopping_is_not_trained_further_on_rerun(tmp_path: Path, tiny_corpus: dict[str, str]) -> None:
+    cfg = tiny_train_config(tmp_path, tiny_corpus, extra=["trainer.max_steps=2"])
+    train(cfg)
+    (tmp_path / "run" / "stopped_early.json").write_text(json.dumps({"step": 2, "best": 5.0}))  # as EarlyStopping leaves it
+    with open_dict(cfg):
+        cfg.trainer.max_steps = 6
+    rerun = train(cfg)
+    assert rerun["steps"] == 2 and rerun["max_steps"] == 6 and rerun["stopped_early"]

@@ -15,13 +15,24 @@ from omegaconf import DictConfig
 
 from adasched.evaluation import load_evaluator
 from adasched.export import read_metadata, write_json_atomic
+from adasched.learning_curve import CURVE_FILE, read_curve
 from adasched.models.family import load_family
+from adasched.plots import plot_learning_curves
 from adasched.tokenizer import load_or_train_tokenizer
 from adasched.training import CausalLMObjective, MaskedDiffusionObjective, evaluate
 
 
+def plot_family_curves(family_dir: Path, members: list[str], path: Path) -> Path | None:
+    """Every member's shipped learning curve on one figure (members trained before curves were kept are left out)."""
+    curves = {name: read_curve(family_dir / name / CURVE_FILE) for name in members if (family_dir / name / CURVE_FILE).is_file()}
+    if not curves:
+        return None
+    return plot_learning_curves(curves, path, f"{family_dir.name}: validation loss of every member")
+
+
 def evaluate_family(cfg: DictConfig) -> list[dict[str, Any]]:
-    """One row per member: validation loss (nats and bits per token), its perplexity bound, training facts."""
+    """One row per member: validation loss (nats and bits per token), its perplexity bound, training facts;
+    and ``learning_curves.png``, all members' curves on one figure."""
     family_dir = Path(cfg.family_dir)
     tokenizer = load_or_train_tokenizer(cfg.tokenizer.kind, cfg.tokenizer.path, cfg.tokenizer.vocab_size, None)
     datamodule = instantiate(cfg.data.module, corpus=instantiate(cfg.data.corpus), tokenizer=tokenizer)
@@ -52,5 +63,9 @@ def evaluate_family(cfg: DictConfig) -> list[dict[str, Any]]:
             }
         )
         print(f"  {name:<14} val {objective.metric:<5} {nats:7.4f} nats/token  (perplexity <= {math.exp(nats):8.2f})")
-    write_json_atomic(Path(cfg.run_dir) / "results.json", {"family": str(family_dir), "members": rows})
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(run_dir / "results.json", {"family": str(family_dir), "members": rows})
+    if plot_family_curves(family_dir, list(members), run_dir / "learning_curves.png"):
+        print(f"learning curves: {run_dir / 'learning_curves.png'}")
     return rows
