@@ -8,10 +8,16 @@ import argparse
 import sys
 from pathlib import Path
 
+from adasched.analysis.comparison import (
+    find_results,
+    format_table,
+    load_rows,
+    table_rows,
+    to_csv,
+)
+from adasched.analysis.plots import plot_quality_vs_compute
 from adasched.cli import user_errors_exit
-from adasched.comparison import find_results, format_table, load_rows, table_rows, to_csv
-from adasched.export import write_text_atomic
-from adasched.plots import plot_quality_vs_compute
+from adasched.io import write_text_atomic
 
 
 def main(argv: list[str]) -> None:

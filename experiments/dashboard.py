@@ -10,8 +10,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from adasched.analysis.dashboard import dashboard
 from adasched.cli import preflight, user_errors_exit
-from adasched.dashboard import dashboard
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 

@@ -15,24 +15,24 @@ import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
+from adasched.analysis.step_statistics import StepRecords, rollout_records
 from adasched.cli import preflight, user_errors_exit
 from adasched.errors import ConfigError
-from adasched.jobs.run import resolve_device
+from adasched.jobs.arms import resolve_device
 from adasched.models.family import load_family
-from adasched.step_statistics import StepRecords, rollout_records
-from policies import kl_router
+from adasched.sampling.spec import SamplingSpec
+from policies import kl_router, make_policy
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 
 def collect(cfg: DictConfig, models: list, seeds: torch.Tensor) -> StepRecords:
-    """Records of every trajectory, batch by batch, with one progress bar over all their steps."""
-    batches = seeds.split(cfg.batch_size)
-    parts = []
-    with tqdm(total=len(batches) * cfg.num_steps, desc="rollout steps", unit="step") as bar:
-        for batch in batches:
-            parts.append(rollout_records(models, batch, cfg.num_steps, cfg.seq_len, record_every=cfg.record_every, heavy=cfg.heavy, light=cfg.light, on_step=bar.update))
-    return StepRecords.concatenate(parts)
+    """Records of every trajectory, sampled all-heavy with a progress bar over the loop's steps."""
+    spec = SamplingSpec(num_steps=cfg.num_steps, seq_len=cfg.seq_len, batch_size=cfg.batch_size)
+    with tqdm(desc="rollout steps", unit="step") as bar:
+        return rollout_records(
+            models, seeds, spec, make_policy("static_heavy"), record_every=cfg.record_every, heavy=cfg.heavy, light=cfg.light, on_step=bar.update
+        )
 
 
 def fit_kl_router(cfg: DictConfig) -> dict[str, Any]:
@@ -53,7 +53,8 @@ def fit_kl_router(cfg: DictConfig) -> dict[str, Any]:
     validation_seeds = seeds[-held_out:]
     is_validation = torch.isin(records.seed, validation_seeds)
     start = time.perf_counter()
-    model, metadata = kl_router.fit(records.select(~is_validation), records.select(is_validation), **cfg.fit)
+    train, validation = records.select(~is_validation), records.select(is_validation)
+    model, metadata = kl_router.fit(kl_router.examples(train.features, train.kl, len(models)), kl_router.examples(validation.features, validation.kl, len(models)), **cfg.fit)
     metadata |= {
         "command": " ".join(["python experiments/fit_kl_router.py", *sys.argv[1:]]),
         "family": {"name": cfg.family.name, "members": list(cfg.family.members), "heavy": cfg.heavy, "light": cfg.light},
@@ -62,7 +63,7 @@ def fit_kl_router(cfg: DictConfig) -> dict[str, Any]:
         "kl_mean": float(records.kl.mean()), "kl_quantiles": {str(q): float(records.kl.quantile(q)) for q in (0.1, 0.5, 0.9)},
         "rollout_wall_s": rollout_s, "fit_wall_s": time.perf_counter() - start,
     }
-    kl_router.save(model, cfg.out_dir, metadata)
+    kl_router.save(model, cfg.out_dir, len(models), metadata)
     print(
         f"fitted on {metadata['train_records']} records, validated on {metadata['validation_records']}: "
         f"MSE of log1p(KL) {metadata['train_mse_initial']:.4f} -> {metadata['train_mse']:.4f} (train), "

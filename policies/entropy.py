@@ -22,7 +22,15 @@ from __future__ import annotations
 import torch
 
 from adasched.errors import ConfigError
-from policies.base import ENTROPY, PROBE_ENTROPY, DenoiseState, Policy, check_budget, register_policy
+from adasched.sampling.policy import (
+    ENTROPY,
+    PROBE_ENTROPY,
+    DenoiseState,
+    Policy,
+    check_budget,
+    check_model_index,
+    register_policy,
+)
 
 MODES = ("probe", "lagged")
 
@@ -57,10 +65,9 @@ class EntropyRouter(Policy):
     def set_knob(self, value: float) -> None:
         self.threshold = value
 
-    def reset(self, batch_size: int, num_steps: int, num_models: int, seed: int = 0) -> None:
-        super().reset(batch_size, num_steps, num_models, seed)
-        if max(self.light, self.heavy) >= num_models:
-            raise ConfigError(f"policy {self.name} uses model {max(self.light, self.heavy)} but the family has {num_models}")
+    def reset(self, num_steps: int, num_models: int) -> None:
+        super().reset(num_steps, num_models)
+        check_model_index(self, max(self.light, self.heavy), num_models)
 
     def act(self, state: DenoiseState) -> torch.Tensor:
         if self.mode == "probe":

@@ -1,7 +1,7 @@
 """The supervised KL router: heavy where a small MLP predicts the light model would depart from it.
 
-The MLP maps a row's state features (``adasched.step_statistics.FEATURE_NAMES``) to log1p of the mean
-KL(heavy || light) over its masked positions, fitted by MSE on all-heavy rollouts
+The MLP maps a row's router features (``adasched.sampling.features``, those in ``INPUTS``) to log1p of the
+mean KL(heavy || light) over its masked positions, fitted by MSE on all-heavy rollouts
 (``experiments/fit_kl_router.py``); log1p tames the KL's heavy tail without hiding zeros. At each step a
 row runs the heavy model where the predicted KL exceeds ``threshold``, else the light one. The threshold is
 the calibration knob: raising it sends more rows to the light model, so the saving never drops.
@@ -17,11 +17,22 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from adasched import step_statistics  # a module import: step_statistics imports the policies package too
 from adasched.errors import ConfigError
-from policies.base import ENTROPY, DenoiseState, Policy, check_budget, register_policy
+from adasched.io import atomic_path, write_json_atomic
+from adasched.sampling.features import router_features, select_features
+from adasched.sampling.policy import (
+    ENTROPY,
+    DenoiseState,
+    Policy,
+    check_budget,
+    check_model_index,
+    register_policy,
+)
 
 WEIGHTS, METADATA = "router.safetensors", "router.json"
+# The state features the router reads: those all-heavy rollouts show as they will be at sampling time. The
+# previous model and the FLOPs saved so far are left out: under all-heavy they never vary.
+INPUTS = ["t", "mask_fraction", "mask_fraction_drop", "log1p_reveal_count", "last_entropy", "has_entropy"]
 FIT_COMMAND = "python experiments/fit_kl_router.py"
 
 
@@ -48,22 +59,30 @@ class KLRegressor(nn.Module):
             return torch.expm1(self(features)).clamp(min=0.0)
 
 
+Examples = tuple[torch.Tensor, torch.Tensor]  # (N, len(INPUTS)) features and (N,) KL targets in nats
+
+
+def examples(features: torch.Tensor, kl: torch.Tensor, num_models: int) -> Examples:
+    """Fitting examples from rows' ``router_features`` (all columns) and their KL targets."""
+    return select_features(features, num_models, INPUTS), kl
+
+
 def fit(
-    records: step_statistics.StepRecords, validation: step_statistics.StepRecords | None = None, hidden: int = 32, depth: int = 2, steps: int = 400, lr: float = 3e-3, seed: int = 0
+    train: Examples, validation: Examples | None = None, hidden: int = 32, depth: int = 2, steps: int = 400, lr: float = 3e-3, seed: int = 0
 ) -> tuple[KLRegressor, dict[str, Any]]:
-    """Full-batch Adam on MSE of log1p(KL); seeded, so the same records give the same router.
+    """Full-batch Adam on MSE of log1p(KL); seeded, so the same examples give the same router.
 
     Returns the model and its fit metadata: losses, sizes, the largest and the lower-quartile predicted KL on
-    the training records (the knob's range and the default threshold).
+    the training examples (the knob's range and the default threshold).
     """
-    features, target = records.features.float(), torch.log1p(records.kl).float()
+    features, target = train[0].float(), torch.log1p(train[1]).float()
     with torch.random.fork_rng(devices=[]):  # nn.Linear's init draws from the global generator: leave it as it was
         torch.manual_seed(seed)
         model = KLRegressor(features.shape[1], hidden, depth)
     model.mean.copy_(features.mean(0))
     model.std.copy_(features.std(0).clamp(min=1e-6))
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    initial = mse(model, records)
+    initial = mse(model, train)
     for _ in range(steps):
         loss = nn.functional.mse_loss(model(features), target)
         optimizer.zero_grad()
@@ -72,32 +91,33 @@ def fit(
     model.eval()
     predicted = model.predict_kl(features)
     metadata: dict[str, Any] = {
-        "loss": "mse_log1p_kl", "hidden": hidden, "depth": depth, "steps": steps, "lr": lr, "fit_seed": seed, "train_records": len(records),
-        "train_mse_initial": initial, "train_mse": mse(model, records),
+        "loss": "mse_log1p_kl", "hidden": hidden, "depth": depth, "steps": steps, "lr": lr, "fit_seed": seed, "train_records": len(target),
+        "train_mse_initial": initial, "train_mse": mse(model, train),
         "max_predicted_kl": float(predicted.max()), "suggested_threshold": float(predicted.quantile(0.25)),
     }
     if validation is not None:
-        variance = torch.log1p(validation.kl).var(unbiased=False).item()  # the MSE of predicting its mean
-        metadata |= {"validation_records": len(validation), "validation_mse": mse(model, validation), "validation_variance": variance}
+        variance = torch.log1p(validation[1]).var(unbiased=False).item()  # the MSE of predicting its mean
+        metadata |= {"validation_records": len(validation[1]), "validation_mse": mse(model, validation), "validation_variance": variance}
     return model, metadata
 
 
-def mse(model: KLRegressor, records: step_statistics.StepRecords) -> float:
-    """MSE of the predicted log1p(KL) on ``records``."""
+def mse(model: KLRegressor, examples: Examples) -> float:
+    """MSE of the predicted log1p(KL) on ``examples``."""
     with torch.no_grad():
-        return nn.functional.mse_loss(model(records.features.float()), torch.log1p(records.kl).float()).item()
+        return nn.functional.mse_loss(model(examples[0].float()), torch.log1p(examples[1]).float()).item()
 
 
-def save(model: KLRegressor, directory: str | Path, metadata: dict[str, Any]) -> None:
+def save(model: KLRegressor, directory: str | Path, num_models: int, metadata: dict[str, Any]) -> None:
     """Weights as safetensors; features, architecture and fit metadata as JSON beside them."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, directory / WEIGHTS)
+    with atomic_path(directory / WEIGHTS) as partial:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, partial)
     hidden = model.net[0].out_features
     depth = (len(model.net) - 1) // 2
-    info = {"feature_names": list(step_statistics.FEATURE_NAMES), "architecture": {"hidden": hidden, "depth": depth},
+    info = {"num_models": num_models, "feature_names": INPUTS, "architecture": {"hidden": hidden, "depth": depth},
             "normalization": {"mean": model.mean.tolist(), "std": model.std.tolist()}, "fit": metadata}
-    (directory / METADATA).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    write_json_atomic(directory / METADATA, info)
 
 
 def load(directory: str | Path) -> tuple[KLRegressor, dict[str, Any]]:
@@ -106,9 +126,9 @@ def load(directory: str | Path) -> tuple[KLRegressor, dict[str, Any]]:
     if not (directory / WEIGHTS).is_file() or not (directory / METADATA).is_file():
         raise ConfigError(f"no fitted KL router at {directory}; create it with: {FIT_COMMAND}")
     info = json.loads((directory / METADATA).read_text(encoding="utf-8"))
-    if tuple(info["feature_names"]) != step_statistics.FEATURE_NAMES:
+    if "num_models" not in info or info["feature_names"] != INPUTS:
         raise ConfigError(f"the KL router at {directory} was fitted on other features; refit it with: {FIT_COMMAND}")
-    model = KLRegressor(len(step_statistics.FEATURE_NAMES), **info["architecture"])
+    model = KLRegressor(len(info["feature_names"]), **info["architecture"])
     model.load_state_dict(load_file(directory / WEIGHTS))
     return model.eval(), info
 
@@ -131,18 +151,16 @@ class KLRouter(Policy):
         self.threshold = fitted["suggested_threshold"] if threshold is None else float(threshold)
         self.light, self.heavy, self.budget = light, heavy, budget
         self.knob_range = (0.0, float(fitted["max_predicted_kl"]))
-        self.previous_mask_fraction: torch.Tensor | None = None
 
     def set_knob(self, value: float) -> None:
         self.threshold = value
 
-    def reset(self, batch_size: int, num_steps: int, num_models: int, seed: int = 0) -> None:
-        super().reset(batch_size, num_steps, num_models, seed)
-        if max(self.light, self.heavy) >= num_models:
-            raise ConfigError(f"policy kl_router uses model {max(self.light, self.heavy)} but the family has {num_models}")
-        self.previous_mask_fraction = None
+    def reset(self, num_steps: int, num_models: int) -> None:
+        super().reset(num_steps, num_models)
+        check_model_index(self, max(self.light, self.heavy), num_models)
+        if num_models != self.info["num_models"]:
+            raise ConfigError(f"the KL router was fitted on a family of {self.info['num_models']} models but this one has {num_models}")
 
     def act(self, state: DenoiseState) -> torch.Tensor:
-        predicted = self.model.predict_kl(step_statistics.state_features(state, self.previous_mask_fraction))
-        self.previous_mask_fraction = state.mask_fraction
-        return torch.where(predicted > self.threshold, self.heavy, self.light).to(torch.int64)
+        predicted = self.model.predict_kl(select_features(router_features(state, self.num_models), self.num_models, INPUTS))
+        return torch.where(predicted > self.threshold, self.heavy, self.light).to(torch.int64).to(state.step.device)

@@ -10,8 +10,13 @@ from __future__ import annotations
 
 import torch
 
-from adasched.errors import ConfigError
-from policies.base import DenoiseState, Policy, check_budget, register_policy
+from adasched.sampling.policy import (
+    DenoiseState,
+    Policy,
+    check_budget,
+    check_model_index,
+    register_policy,
+)
 from policies.static import _check_fraction
 
 
@@ -42,10 +47,9 @@ class MaskFractionRouter(Policy):
         """(low, high): the mask fractions, inclusive, at which a row runs the heavy model."""
         return self.light_mass * (1 - self.skew), 1 - self.light_mass * self.skew
 
-    def reset(self, batch_size: int, num_steps: int, num_models: int, seed: int = 0) -> None:
-        super().reset(batch_size, num_steps, num_models, seed)
-        if self.light >= num_models:
-            raise ConfigError(f"policy {self.name} uses model {self.light} but the family has {num_models}")
+    def reset(self, num_steps: int, num_models: int) -> None:
+        super().reset(num_steps, num_models)
+        check_model_index(self, self.light, num_models)
 
     def act(self, state: DenoiseState) -> torch.Tensor:
         low, high = self.band

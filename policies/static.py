@@ -13,7 +13,13 @@ from dataclasses import dataclass
 import torch
 
 from adasched.errors import ConfigError
-from policies.base import DenoiseState, Policy, check_budget, register_policy
+from adasched.sampling.policy import (
+    DenoiseState,
+    Policy,
+    check_budget,
+    check_model_index,
+    register_policy,
+)
 
 DEFAULT_LETTERS = {"H": 0, "L": 1}
 
@@ -36,14 +42,13 @@ class StaticSchedule(Policy):
     def schedule(self, num_steps: int) -> torch.Tensor:
         """(num_steps,) int64 model index per step."""
 
-    def reset(self, batch_size: int, num_steps: int, num_models: int, seed: int = 0) -> None:
-        super().reset(batch_size, num_steps, num_models, seed)
+    def reset(self, num_steps: int, num_models: int) -> None:
+        super().reset(num_steps, num_models)
         self.plan = self.schedule(num_steps)
-        if int(self.plan.max()) >= num_models:
-            raise ConfigError(f"policy {self.name} uses model {int(self.plan.max())} but the family has {num_models}")
+        check_model_index(self, int(self.plan.max()), num_models)
 
     def act(self, state: DenoiseState) -> torch.Tensor:
-        return self.plan[state.step].expand(state.batch_size).clone()
+        return self.plan.to(state.step.device)[state.step]
 
 
 def blocks(num_steps: int, spans: Sequence[tuple[int, int]], model: int, default: int = 0) -> torch.Tensor:
@@ -97,7 +102,7 @@ class StaticQuarter(StaticSchedule):
 class StaticSandwich(StaticSchedule):
     """The paper's best static schedule: ``light_fraction`` of the steps light, split over both ends.
 
-    With a ``budget`` the light fraction is calibrated to it (``adasched.calibration``), so dynamic policies
+    With a ``budget`` the light fraction is calibrated to it (``adasched.sampling.calibration``), so dynamic policies
     are compared with the sandwich at equal executed FLOPs.
     """
 

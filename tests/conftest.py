@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny configs composed exactly as the entry points compose them."""
+"""Shared fixtures: a tiny random family and corpus (helpers the tests share are in helpers.py)."""
 
 from __future__ import annotations
 
@@ -7,28 +7,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, open_dict
 from transformers import GPT2Config, GPT2LMHeadModel
 
-import adasched.cli  # noqa: F401  (registers the ${project_root:} resolver)
+from adasched.data.tokenizer import train_bpe
 from adasched.models import DenoiserConfig, MDLMDenoiser
-from adasched.tokenizer import train_bpe
-
-ROOT = Path(__file__).resolve().parents[1]
-CONFIG_DIR = ROOT / "experiments" / "configs"
-SHIPPED = ROOT / "checkpoints" / "shakespeare"
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # The suite's models are tiny: intra-op threads only add synchronization, which on a loaded 2-core machine
 # made them ~40x slower. One thread keeps the suite fast and its timing stable.
 torch.set_num_threads(1)
-
-
-def compose_config(name: str, overrides: list[str]) -> DictConfig:
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose(config_name=name, overrides=overrides, return_hydra_config=False)
 
 
 @pytest.fixture(scope="session")
@@ -55,35 +43,3 @@ def tiny_corpus(tmp_path: Path) -> dict[str, str]:
     train.write_text("\n\n".join(lines[:260]), encoding="utf-8")
     valid.write_text("\n\n".join(lines[260:]), encoding="utf-8")
     return {"train": str(train), "validation": str(valid)}
-
-
-def tiny_train_config(tmp_path: Path, corpus: dict[str, str], model: str = "light", extra: list[str] | None = None) -> DictConfig:
-    """A train config that runs in seconds: width 32, 1 block, 4 steps, own tiny tokenizer and cache."""
-    overrides = [
-        f"model={model}",
-        "data=text_files",
-        f"data.corpus.train_files=[{corpus['train']}]",
-        f"data.corpus.validation_files=[{corpus['validation']}]",
-        "data.seq_len=32",
-        "data.module.batch_size=8",
-        "tokenizer.vocab_size=300",
-        f"tokenizer.path={tmp_path / 'tokenizer'}",
-        f"paths.cache={tmp_path / 'cache'}",
-        "trainer.max_steps=4",
-        "trainer.val_check_interval=2",
-        "trainer.limit_val_batches=2",
-        "trainer.enable_progress_bar=false",
-        "logger.mode=disabled",
-        "optim.warmup_steps=2",
-        "optim.compile=false",  # compiling takes longer than these trainings; tested on its own
-        "checkpoint_every_n_steps=2",
-    ]
-    if model == "ar_evaluator":
-        overrides += ["model.net.n_layer=1", "model.net.n_embd=32", "model.net.n_head=2"]
-    else:
-        overrides += ["model.net.n_blocks=1", "model.net.d_model=32", "model.net.n_heads=2"]
-    cfg = compose_config("train", overrides + (extra or []))
-    with open_dict(cfg):
-        cfg.run_dir = str(tmp_path / "run")
-        cfg.export_dir = str(tmp_path / "export")
-    return cfg

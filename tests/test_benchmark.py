@@ -12,9 +12,9 @@ from omegaconf import DictConfig, open_dict
 from adasched.errors import ConfigError
 from adasched.jobs.benchmark import benchmark
 from adasched.models.family import load_denoiser
-from tests.conftest import compose_config
+from tests.helpers import compose_config
 
-SIZES = ("shipped", "paper")
+SIZES = ("shipped_b4", "paper")
 
 
 def tiny_config(family: Path, run_dir: Path, *overrides: str) -> DictConfig:
@@ -22,9 +22,9 @@ def tiny_config(family: Path, run_dir: Path, *overrides: str) -> DictConfig:
     cfg = compose_config(
         "benchmark",
         [
-            "sizes=[shipped,paper]", "device=cpu", "repeats=2", "threads=1",  # tiny ops: 2 threads only contend
-            f"size.shipped.family.dir={family}", "size.shipped.num_steps=12", "size.shipped.seq_len=16",
-            "size.shipped.batch_size=2", "size.shipped.num_samples=3", "size.shipped.warmup_steps=2",
+            "sizes=[shipped_b4,paper]", "device=cpu", "repeats=2", "threads=1",  # tiny ops: 2 threads only contend
+            f"size.shipped_b1.family.dir={family}", "size.shipped_b4.num_steps=12", "size.shipped_b4.seq_len=16",
+            "size.shipped_b4.batch_size=2", "size.shipped_b4.num_samples=3", "size.shipped_b4.warmup_steps=2",
             "size.paper.random_family.n_blocks=[2,1]", "size.paper.random_family.d_model=32", "size.paper.random_family.n_heads=2",
             "size.paper.random_family.vocab_size=50", "size.paper.random_family.mask_token_id=49", "size.paper.seq_len=32",
             "size.paper.num_steps=50", "size.paper.slice_start=25", "size.paper.steps_timed=8", "size.paper.batch_size=2",
@@ -46,7 +46,7 @@ def test_benchmark_writes_timings_and_savings(tiny_family: Path, tmp_path: Path)
     assert meta["threads"] == 1 and meta["repeats"] == 2 and meta["dtype"] == "float32"
     assert torch.get_num_threads() == threads_before
     assert set(saved["sizes"]) == set(SIZES)
-    vocab = {"shipped": load_denoiser(tiny_family / "heavy").config.vocab_size, "paper": 50}
+    vocab = {"shipped_b4": load_denoiser(tiny_family / "heavy").config.vocab_size, "paper": 50}
     for name in SIZES:
         size = saved["sizes"][name]
         assert size["setup"]["depths"] == [2, 1] and size["setup"]["vocab"] == vocab[name]
@@ -55,26 +55,29 @@ def test_benchmark_writes_timings_and_savings(tiny_family: Path, tmp_path: Path)
             for cell in by_sampler.values():
                 assert len(cell["wall_s_repeats"]) == 2 and cell["wall_s"] > 0 and cell["s_per_step"] > 0
                 assert cell.get("samples_per_s", cell.get("samples_per_s_extrapolated", 0)) > 0
-        assert all(speedup > 0 for speedup in size["speedup_fast_over_reference"].values())
+        assert all(speedup > 0 for speedup in size["speedup_event_over_reference"].values())
+        assert all(speedup > 0 for speedup in size["speedup_event_over_step"].values())
         savings = size["savings_vs_static_heavy"]
         assert set(savings) == {"static_light", "static_sandwich"}
         for by_sampler in savings.values():
-            assert set(by_sampler) == {"fast", "reference"}
+            assert set(by_sampler) == {"event", "step", "reference"}
             for row in by_sampler.values():  # no bound on the wall-clock saving of tiny models but < 1: noise
                 assert row["wall_saved"] < 1 and 0 < row["flops_saved_executed"] <= 1 and 0 < row["flops_saved_nominal"] <= 1
                 assert row["realized_over_predicted"] == pytest.approx(row["wall_saved"] / row["flops_saved_executed"])
-        assert savings["static_light"]["fast"]["flops_saved_nominal"] == pytest.approx(0.5)
-    shipped, paper = saved["sizes"]["shipped"], saved["sizes"]["paper"]
-    assert "samples_per_s" in shipped["cells"]["static_heavy"]["fast"] and shipped["setup"]["steps_timed"] == 12
+        assert savings["static_light"]["event"]["flops_saved_nominal"] == pytest.approx(0.5)
+    shipped, paper = saved["sizes"]["shipped_b4"], saved["sizes"]["paper"]
+    assert "samples_per_s" in shipped["cells"]["static_heavy"]["event"] and shipped["setup"]["steps_timed"] == 12
     # the slice: 8 steps, the sandwich's schedule laid over them (2 of 8 light), both batches timed
-    assert paper["setup"]["steps_timed"] == 8 and "samples_per_s_extrapolated" in paper["cells"]["static_heavy"]["fast"]
-    assert paper["savings_vs_static_heavy"]["static_sandwich"]["reference"]["flops_saved_nominal"] == pytest.approx(0.25 * 0.5)
+    assert paper["setup"]["steps_timed"] == 8 and "samples_per_s_extrapolated" in paper["cells"]["static_heavy"]["event"]
+    sandwich = paper["savings_vs_static_heavy"]["static_sandwich"]
+    assert 0 < sandwich["reference"]["flops_saved_nominal"] < 0.5  # its light head and tail cover a quarter of the slice
+    assert sandwich["event"]["flops_saved_executed"] == pytest.approx(sandwich["step"]["flops_saved_executed"])
 
 
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["sizes=[huge]"], "unknown size 'huge'; choose from: shipped, paper"),
+        (["sizes=[huge]"], "unknown size 'huge'; choose from: shipped_b1, shipped_b4, shipped_b16, shipped_b64, paper"),
         (["size.paper.steps_timed=30"], r"size.paper.steps_timed=30 must lie in \[1, 25\]"),
         (["+policies.static_quarter.quarter=7"], "policy.quarter=7"),
         (["dtype=float8"], "dtype='float8' is unknown"),

@@ -10,7 +10,7 @@ from omegaconf import DictConfig, open_dict
 
 from adasched.errors import ConfigError
 from adasched.jobs.benchmark_training import benchmark_training
-from tests.conftest import compose_config
+from tests.helpers import compose_config
 
 
 def tiny_config(tmp_path: Path, corpus: dict[str, str], *overrides: str) -> DictConfig:
@@ -30,7 +30,7 @@ def tiny_config(tmp_path: Path, corpus: dict[str, str], *overrides: str) -> Dict
 
 
 def test_every_recipe_is_timed_at_every_depth(tmp_path: Path, tiny_corpus: dict[str, str]) -> None:
-    from adasched.tokenizer import train_bpe
+    from adasched.data.tokenizer import train_bpe
 
     train_bpe(Path(tiny_corpus["train"]).read_text().split("\n\n"), 300).save_pretrained(str(tmp_path / "tokenizer"))
     result = benchmark_training(tiny_config(tmp_path, tiny_corpus))

@@ -6,23 +6,31 @@ import math
 from collections.abc import Callable
 
 import pytest
+import torch
 
-from adasched import calibration
-from adasched.calibration import calibrate, check_disjoint_seeds, executed_saving
 from adasched.errors import ConfigError
+from adasched.sampling import calibration
+from adasched.sampling.calibration import (
+    calibrate,
+    check_disjoint_seeds,
+    executed_saving,
+)
+from adasched.sampling.spec import SamplingSpec
 from policies import make_policy
-from tests.test_sampling import family
+from tests.helpers import family
 
 STEPS, LENGTH = 50, 16
+SPEC = SamplingSpec(STEPS, LENGTH, batch_size=16)
+CALIBRATION_SEEDS = 1000 + torch.arange(16)
 HELD_OUT_TOLERANCE = 0.02  # executed saving on unseen seeds vs the target
 
 
 def test_sandwich_is_calibrated_to_a_budget_that_holds_on_held_out_seeds() -> None:
     models = family()
     policy = make_policy("static_sandwich", budget=0.3)
-    found = calibrate(policy, models, num_samples=16, batch_size=16, base_seed=1000, num_steps=STEPS, seq_len=LENGTH, tolerance=0.01)
+    found = calibrate(policy, models, CALIBRATION_SEEDS, SPEC, tolerance=0.01)
     assert abs(found.saved_executed - 0.3) <= 0.01 and policy.light_fraction == found.knob
-    held_out = executed_saving(policy, models, num_samples=32, batch_size=16, base_seed=0, num_steps=STEPS, seq_len=LENGTH)
+    held_out = executed_saving(policy, models, torch.arange(32), SPEC)
     assert abs(held_out - 0.3) <= HELD_OUT_TOLERANCE
 
 
@@ -35,7 +43,7 @@ def test_a_budget_outside_the_unit_interval_fails_by_name(budget: float) -> None
 def test_an_unreachable_budget_and_overlapping_seeds_are_refused() -> None:
     models = family((3, 2))  # the light model saves at most 1/3
     with pytest.raises(ConfigError, match="out of reach"):
-        calibrate(make_policy("static_sandwich", budget=0.6), models, 4, 4, 1000, STEPS, LENGTH)
+        calibrate(make_policy("static_sandwich", budget=0.6), models, CALIBRATION_SEEDS[:4], SPEC)
     with pytest.raises(ConfigError, match="overlaps the evaluation seeds"):
         check_disjoint_seeds(0, 64, 50, 16)
     check_disjoint_seeds(0, 64, 64, 16)
@@ -43,7 +51,7 @@ def test_an_unreachable_budget_and_overlapping_seeds_are_refused() -> None:
 
 def test_a_non_positive_tolerance_fails_by_name() -> None:
     with pytest.raises(ConfigError, match="calibration.tolerance=0"):
-        calibrate(make_policy("static_sandwich", budget=0.3), family(), 4, 4, 1000, STEPS, LENGTH, tolerance=0)
+        calibrate(make_policy("static_sandwich", budget=0.3), family(), CALIBRATION_SEEDS[:4], SPEC, tolerance=0)
 
 
 class Knob:
@@ -69,6 +77,6 @@ def test_the_search_meets_the_target_in_fewer_tries_than_bisection(
 ) -> None:
     policy = Knob(budget, (0.0, 10.0))
     monkeypatch.setattr(calibration, "executed_saving", lambda policy, *args: curve(policy.value))
-    found = calibrate(policy, [], 1, 1, 0, 1, 1, tolerance=0.002)
+    found = calibrate(policy, [], CALIBRATION_SEEDS, SPEC, tolerance=0.002)
     assert abs(found.saved_executed - budget) <= 0.002 and policy.value == found.knob
     assert len(found.history) <= 8  # bisection needs about 2 + log2(10 * 0.66 / 0.002) = 14 tries here

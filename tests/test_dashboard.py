@@ -18,14 +18,13 @@ import wandb_workspaces.reports.v2 as wr
 from omegaconf import DictConfig, OmegaConf
 from wandb_workspaces import expr
 
-from adasched.dashboard import build_report, dashboard, load_sweep
+from adasched.analysis.dashboard import build_report, dashboard, load_sweep
+from adasched.analysis.run_logging import flatten
 from adasched.errors import ConfigError
-from adasched.export import write_json_atomic
+from adasched.io import write_json_atomic
 from adasched.jobs import sweep as sweep_job
 from adasched.jobs.sweep import merge_shards, sweep
-from adasched.run_logging import flatten
-from tests.conftest import ROOT, compose_config
-from tests.test_sweep import sweep_config
+from tests.helpers import ROOT, compose_config, sweep_config
 
 COMMAND = "python experiments/dashboard.py sweep_dir=some/sweep"
 

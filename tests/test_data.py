@@ -9,10 +9,17 @@ import numpy as np
 import pytest
 import torch
 
-from adasched.data import HubCorpus, ShakespeareCorpus, TextDataModule, TextFilesCorpus, pack_blocks, tokenize_documents
+from adasched.data.corpus import (
+    HubCorpus,
+    ShakespeareCorpus,
+    TextDataModule,
+    TextFilesCorpus,
+    pack_blocks,
+    tokenize_documents,
+)
+from adasched.data.tokenizer import load_or_train_tokenizer, special_ids
 from adasched.errors import ConfigError, DataUnavailableError
-from adasched.tokenizer import load_or_train_tokenizer, special_ids
-from tests.conftest import SHIPPED, compose_config
+from tests.helpers import SHIPPED, compose_config
 
 
 def test_pack_blocks_keeps_every_token_in_order() -> None:

@@ -11,15 +11,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from adasched.costs import CostMeter
-from adasched.data_parallel import generate_data_parallel, predict_trainer, score_data_parallel
+from adasched.analysis.evaluation import load_evaluator, sample_nll
+from adasched.data.tokenizer import load_tokenizer
 from adasched.errors import ConfigError
-from adasched.evaluation import load_evaluator, sample_nll
-from adasched.generation import generate
 from adasched.models.family import load_family
-from adasched.tokenizer import load_tokenizer
+from adasched.parallel import (
+    generate_data_parallel,
+    predict_trainer,
+    score_data_parallel,
+)
+from adasched.sampling.costs import CostMeter
+from adasched.sampling.generation import generate
+from adasched.sampling.spec import SamplingSpec
 from policies import make_policy
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 
 def test_predict_path_matches_the_in_process_loop(tiny_family: Path) -> None:
@@ -28,8 +33,8 @@ def test_predict_path_matches_the_in_process_loop(tiny_family: Path) -> None:
     trainer = predict_trainer("cpu", 1, 1)
     meters = [CostMeter(["heavy", "light"], [2, 1]) for _ in range(2)]
     policy = make_policy("static_sandwich", light_fraction=0.5)
-    alone = generate(models, policy, seeds, 4, 20, 16, meters[0], progress=False)
-    spread = generate_data_parallel(trainer, models, policy, seeds, 3, 20, 16, meters[1])
+    alone = generate(models, policy, seeds, SamplingSpec(20, 16, batch_size=4), meters[0], progress=False)
+    spread = generate_data_parallel(trainer, models, policy, seeds, SamplingSpec(20, 16, batch_size=3), meters[1])
     assert torch.equal(alone.tokens, spread.tokens) and torch.equal(alone.actions, spread.actions)
     assert torch.equal(spread.seeds, seeds)
     assert meters[0].summary()["flops"] == meters[1].summary()["flops"] and meters[0].forwards == meters[1].forwards

@@ -7,8 +7,13 @@ import math
 import pytest
 import torch
 
-from adasched.diffusion import corrupt, masked_nelbo, nelbo_of_corruption, sample_times
 from adasched.models import DenoiserConfig, MDLMDenoiser
+from adasched.training.diffusion import (
+    corrupt,
+    masked_nelbo,
+    nelbo_of_corruption,
+    sample_times,
+)
 
 
 class FixedLogits(MDLMDenoiser):

@@ -13,18 +13,25 @@ from omegaconf import open_dict
 from stable_baselines3 import PPO
 from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
-from adasched.env import EpisodeConfig, LagrangeMultiplier, ModelScheduleEnv, ModelScheduleVecEnv, evaluator_scorer
+from adasched.analysis.evaluation import load_evaluator
+from adasched.data.tokenizer import load_tokenizer
 from adasched.errors import ConfigError
-from adasched.evaluation import load_evaluator
 from adasched.jobs.train_router import train_router
 from adasched.models.family import load_family
-from adasched.sampling import sample
-from adasched.tokenizer import load_tokenizer
-from policies import check_policy, make_policy
-from policies.base import synthetic_states
-from policies.learned import RouterFeatures
-from tests.conftest import compose_config
-from tests.test_sampling import meter
+from adasched.rl.env import (
+    EpisodeConfig,
+    LagrangeMultiplier,
+    ModelScheduleEnv,
+    ModelScheduleVecEnv,
+    evaluator_scorer,
+)
+from adasched.sampling.features import router_features
+from adasched.sampling.policy_check import check_policy, synthetic_states
+from adasched.sampling.reference import reference_sample
+from adasched.sampling.spec import SamplingSpec
+from adasched.sampling.trajectory import sample
+from policies import make_policy
+from tests.helpers import compose_config, meter
 
 STEPS, SEQ_LEN = 10, 16
 
@@ -33,7 +40,7 @@ def episode_config(root: Path, budget: float = 0.25, lam: float = 1.0, quality_w
     models = list(load_family({name: root / name for name in ("heavy", "light")}).values())
     evaluator, evaluator_tokenizer = load_evaluator(str(root / "ar_evaluator"), "cpu", str(root / "tokenizer"))
     score = evaluator_scorer(evaluator, evaluator_tokenizer, load_tokenizer(root / "tokenizer"), 8, "cpu")
-    return EpisodeConfig(models, score, STEPS, SEQ_LEN, budget, LagrangeMultiplier(lam, 0.0, budget), quality_weight)
+    return EpisodeConfig(models, score, SamplingSpec(STEPS, SEQ_LEN), budget, LagrangeMultiplier(lam, 0.0, budget), quality_weight)
 
 
 def router_config(root: Path, run_dir: Path, *overrides: str):
@@ -91,14 +98,18 @@ def test_the_multiplier_rises_below_the_budget_and_stops_at_zero() -> None:
     assert multiplier.update(1.0) == 0.0
 
 
-def test_vec_env_rows_end_together_and_train_with_ppo(tiny_family: Path) -> None:
+def test_vec_env_rows_end_on_their_own_and_restart_and_train_with_ppo(tiny_family: Path) -> None:
     env = ModelScheduleVecEnv(episode_config(tiny_family), num_envs=4, seed=0)
     observation = env.reset()
     assert observation.shape == (4, env.observation_space.shape[0]) and env.observation_space.contains(observation[0])
-    dones = np.zeros(4, dtype=bool)
-    while not dones.any():
-        _, _, dones, infos = env.step(np.array([0, 1, 0, 1]))
-    assert dones.all() and all("terminal_observation" in info and "saved_executed" in info for info in infos)
+    ended = np.zeros(4, dtype=int)
+    for _ in range(3 * STEPS):  # a row has at most STEPS decisions: every row ends at least twice
+        observation, _, dones, infos = env.step(np.array([0, 1, 0, 1]))
+        ended += dones
+        for done, info in zip(dones, infos):
+            assert done == ("terminal_observation" in info and "saved_executed" in info)
+        assert env.observation_space.contains(observation[0])
+    assert (ended >= 2).all()
     PPO("MlpPolicy", env, n_steps=16, batch_size=32, n_epochs=1, policy_kwargs={"net_arch": [8]}, seed=0, device="cpu").learn(256)
 
 
@@ -110,21 +121,21 @@ def test_train_export_resume_and_the_policy_acts_like_the_router(tiny_family: Pa
 
     policy = make_policy("learned_router", path=str(tmp_path / "router"))
     router = PPO.load(tmp_path / "router" / "router.zip", device="cpu")
-    features = RouterFeatures(8, 2, saved["budget"])
-    policy.reset(8, 20, 2)
+    policy.reset(20, 2)
     for state in synthetic_states(8, 20, 2, seed=0):
-        expected = router.predict(features.observe(state), deterministic=True)[0]
-        action = policy.act(state)
-        features.record(state, action)
-        assert np.array_equal(action.numpy(), expected)
+        expected = router.predict(router_features(state, 2).numpy(), deterministic=True)[0]
+        assert np.array_equal(policy.act(state).numpy(), expected)
     for bias, model in ((policy.knob_range[1], 1), (policy.knob_range[0], 0)):  # the knob's ends: all light, all heavy
         policy.set_knob(bias)
-        policy.reset(8, 20, 2)
         assert all(bool((policy.act(state) == model).all()) for state in synthetic_states(8, 20, 2, seed=0))
+    policy.set_knob(0.0)
     check_policy(policy, num_models=2)
     models = list(load_family({name: tiny_family / name for name in ("heavy", "light")}).values())
-    output = sample(models, policy, torch.arange(6), num_steps=STEPS, seq_len=SEQ_LEN, meter=meter(models))
+    spec = SamplingSpec(STEPS, SEQ_LEN, batch_size=4)
+    output = sample(models, policy, torch.arange(6), spec, meter(models))
     assert output.actions.shape == (STEPS, 6)
+    reference = reference_sample(models, policy, torch.arange(6), spec, meter(models))  # exact, like every policy
+    assert torch.equal(output.tokens, reference.tokens) and torch.equal(output.actions, reference.actions)
 
 
 def test_missing_router_and_bad_budget_fail_on_one_line(tiny_family: Path, tmp_path: Path) -> None:

@@ -9,8 +9,8 @@ from pathlib import Path
 from omegaconf import open_dict
 
 from adasched.jobs.evaluate import evaluate_family
-from adasched.learning_curve import CurvePoint, write_curve
-from tests.conftest import compose_config
+from adasched.training.learning_curve import CurvePoint, write_curve
+from tests.helpers import compose_config
 
 
 def test_the_family_is_scored_and_its_curves_drawn(tmp_path: Path, tiny_family: Path, tiny_corpus: dict[str, str]) -> None:

@@ -10,8 +10,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from adasched.errors import ConfigError, DataUnavailableError
-from adasched.evaluation import (
+from adasched.analysis.evaluation import (
     distinct_n,
     evaluate_samples,
     load_evaluator,
@@ -20,7 +19,8 @@ from adasched.evaluation import (
     sample_nll,
     unigram_entropy,
 )
-from adasched.tokenizer import train_bpe
+from adasched.data.tokenizer import train_bpe
+from adasched.errors import ConfigError, DataUnavailableError
 
 CONTEXT = 16
 TEXTS = ["the cat sat", "on the mat, the dog sat by the door", "a fox"]

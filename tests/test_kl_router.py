@@ -7,14 +7,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from adasched.calibration import calibrate
+from adasched.analysis.step_statistics import StepRecords, rollout_records
 from adasched.errors import ConfigError
-from adasched.step_statistics import FEATURE_NAMES, StepRecords, rollout_records
-from policies import check_policy, make_policy
-from policies.kl_router import fit, load, mse, save
-from tests.test_sampling import family
+from adasched.sampling.calibration import calibrate
+from adasched.sampling.features import feature_names
+from adasched.sampling.policy_check import check_policy
+from adasched.sampling.spec import SamplingSpec
+from policies import make_policy
+from policies.kl_router import INPUTS, examples, fit, load, mse, save
+from tests.helpers import family
 
 STEPS, LENGTH = 40, 16
+SPEC = SamplingSpec(STEPS, LENGTH, batch_size=8)
 
 
 @pytest.fixture(scope="module")
@@ -24,36 +28,39 @@ def models() -> list:
 
 @pytest.fixture(scope="module")
 def records(models: list) -> StepRecords:
-    return rollout_records(models, torch.arange(500, 508), STEPS, LENGTH, record_every=2)
+    return rollout_records(models, torch.arange(500, 508), SPEC, make_policy("static_heavy"), record_every=2)
 
 
 @pytest.fixture(scope="module")
 def router_dir(records: StepRecords, tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("router")
-    model, metadata = fit(records, steps=100)
-    save(model, directory, metadata)
+    model, metadata = fit(examples(records.features, records.kl, 2), steps=100)
+    save(model, directory, 2, metadata)
     return directory
 
 
 def test_records_have_one_entry_per_row_and_recorded_step(records: StepRecords, models: list) -> None:
-    assert records.features.shape == (len(records), len(FEATURE_NAMES)) and records.features.dtype == torch.float32
-    assert set(records.step.tolist()) <= set(range(0, STEPS, 2)) and len(records) <= 8 * STEPS // 2
+    assert records.features.shape == (len(records), len(feature_names(2))) and records.features.dtype == torch.float32
+    assert records.step.max() < STEPS and len(records) <= 8 * LENGTH  # a row reveals at most LENGTH times
     assert (records.mask_fraction > 0).all() and (records.kl >= 0).all() and records.kl.isfinite().all()
-    assert records.mask_fraction[records.step == 0].eq(1).all()
-    same = rollout_records([models[0], models[0]], torch.arange(500, 504), STEPS, LENGTH, record_every=5)
+    assert records.t.eq(1 - records.step.double() / STEPS).all()
+    first = torch.stack([records.step[records.seed == seed].min() for seed in records.seed.unique()])
+    assert records.mask_fraction[records.step == 0].eq(1).all() and len(first) == 8
+    same = rollout_records([models[0], models[0]], torch.arange(500, 504), SPEC, make_policy("static_heavy"), record_every=5)
     assert same.kl.eq(0).all()
 
 
 def test_fit_reduces_the_training_loss(records: StepRecords) -> None:
-    _, metadata = fit(records, steps=100)
+    _, metadata = fit(examples(records.features, records.kl, 2), steps=100)
     assert metadata["train_mse"] < 0.5 * metadata["train_mse_initial"]
 
 
 def test_save_and_load_give_identical_predictions(records: StepRecords, router_dir: Path) -> None:
-    model, _ = fit(records, steps=100)
+    model, _ = fit(examples(records.features, records.kl, 2), steps=100)
     loaded, info = load(router_dir)
-    assert torch.equal(model.predict_kl(records.features), loaded.predict_kl(records.features))
-    assert info["feature_names"] == list(FEATURE_NAMES) and mse(loaded, records) == info["fit"]["train_mse"]
+    inputs = examples(records.features, records.kl, 2)[0]
+    assert torch.equal(model.predict_kl(inputs), loaded.predict_kl(inputs))
+    assert info["feature_names"] == INPUTS and mse(loaded, examples(records.features, records.kl, 2)) == info["fit"]["train_mse"]
 
 
 def test_router_passes_the_checker_and_routes_by_threshold(router_dir: Path) -> None:
@@ -71,5 +78,5 @@ def test_missing_router_names_the_path_and_the_fit_command(tmp_path: Path) -> No
 
 def test_calibration_meets_a_budget(router_dir: Path, models: list) -> None:
     policy = make_policy("kl_router", path=str(router_dir), budget=0.3)
-    result = calibrate(policy, models, num_samples=4, batch_size=4, base_seed=1000, num_steps=STEPS, seq_len=LENGTH, tolerance=0.03)
+    result = calibrate(policy, models, 1000 + torch.arange(4), SPEC, tolerance=0.03)
     assert abs(result.saved_executed - 0.3) <= 0.03 and policy.threshold == result.knob

@@ -10,8 +10,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from adasched.errors import ConfigError, DataUnavailableError
-from adasched.export import export_model, read_metadata
 from adasched.models import DenoiserConfig, MDLMDenoiser
+from adasched.models.export import export_model, read_metadata
 from adasched.models.family import check_family, load_denoiser, load_family
 
 MASK = 99

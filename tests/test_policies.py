@@ -7,15 +7,16 @@ import torch
 from hydra.utils import instantiate
 
 from adasched.errors import ConfigError
-from policies import check_policy, make_policy, registered_policies
-from policies.base import DenoiseState, Policy
+from adasched.sampling.policy import DenoiseState, Policy
+from adasched.sampling.policy_check import check_policy
+from policies import make_policy, registered_policies
 from policies.static import DEFAULT_LETTERS, Segments
-from tests.conftest import CONFIG_DIR, compose_config
+from tests.helpers import CONFIG_DIR, compose_config
 
 
 def plan(name: str, steps: int = 1000, **kwargs: object) -> torch.Tensor:
     policy = make_policy(name, **kwargs)
-    policy.reset(batch_size=1, num_steps=steps, num_models=3)
+    policy.reset(num_steps=steps, num_models=3)
     return policy.plan
 
 

@@ -4,7 +4,14 @@ import math
 
 import torch
 
-from adasched.random_streams import REVEAL, TOKEN, splitmix64, uniforms
+from adasched.sampling.random_streams import (
+    REVEAL,
+    TOKEN,
+    splitmix64,
+    uniform_grid,
+    uniforms,
+    uniforms_at,
+)
 
 
 def reference_splitmix64(x: int) -> int:
@@ -44,3 +51,15 @@ def test_draws_are_uniform() -> None:
     chi_square = ((counts - expected) ** 2 / expected).sum().item()
     assert chi_square < 43.8  # 99.9% quantile of chi-square with 19 degrees of freedom
     assert abs(u.mean().item() - 0.5) < 4 * math.sqrt(1 / 12 / len(u))
+
+
+def test_per_row_elementwise_and_grid_draws_equal_the_lockstep_ones() -> None:
+    seeds, positions = torch.tensor([3, 7, 11]), torch.arange(20)
+    steps = torch.tensor([0, 4, 9])
+    per_row = uniforms(seeds, steps, positions, TOKEN)
+    grid = uniform_grid(seeds, torch.arange(10), positions, TOKEN)
+    for row, step in enumerate(steps.tolist()):
+        lockstep = uniforms(seeds[row : row + 1], step, positions, TOKEN)[0]
+        assert torch.equal(per_row[row], lockstep) and torch.equal(grid[row, step], lockstep)
+    rows, columns = torch.tensor([2, 0, 1]), torch.tensor([5, 19, 0])
+    assert torch.equal(uniforms_at(seeds[rows], steps[rows], positions[columns], TOKEN), per_row[rows, columns])

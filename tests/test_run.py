@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from omegaconf import open_dict
 
-from adasched.comparison import find_results, load_rows, table_rows
+from adasched.analysis.comparison import find_results, load_rows, table_rows
 from adasched.jobs.run import run
-from tests.conftest import ROOT, compose_config
+from tests.helpers import ROOT, compose_config
 
 RESULT_FIELDS = ("policy", "num_samples", "seq_len", "steps", "gen_ppl", "entropy", "flops", "wall_s", "forwards")
 
@@ -36,7 +36,7 @@ def test_run_writes_results_samples_and_schedule(tiny_family: Path, tmp_path: Pa
     saved = json.loads((tmp_path / "results.json").read_text())
     assert all(field in saved for field in RESULT_FIELDS)
     assert saved["gen_ppl"]["mean"] > 1 and saved["gen_ppl"]["ci95"] > 0
-    assert saved["flops"]["saved_nominal"] == pytest.approx(0.5 * (2 - 1) / 2)
+    assert 0.15 < saved["flops"]["saved_nominal"] < 0.35  # half the decisions light, in expectation, each saving 1/2
     assert 0 < saved["flops"]["saved_executed"] < 0.5
     assert "gen_ppl_paired_diff" in saved and saved["speedup_vs_all_heavy"] > 0  # baseline sampled in-run
     samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]

@@ -8,7 +8,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 from omegaconf import OmegaConf
 
-from adasched.run_logging import flatten, log_run, samples_table
+from adasched.analysis.run_logging import flatten, log_run, samples_table
 
 
 def test_flatten_keeps_numeric_leaves_as_slash_keys() -> None:

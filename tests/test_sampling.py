@@ -1,37 +1,22 @@
-"""The fast sampler is exact: identical tokens to the reference sampler, and the right distribution."""
+"""The samplers are exact: the event-driven, step and reference samplers give identical tokens, and the right distribution."""
 
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import pytest
 import torch
 from scipy.stats import chi2
 
-from adasched.costs import CostMeter
 from adasched.errors import ConfigError
-from adasched.models import DenoiserConfig, MDLMDenoiser
-from adasched.reference_sampler import reference_sample
-from adasched.sampling import sample, sample_categorical
-from policies import make_policy
-from policies.base import ENTROPY, PROBE_ENTROPY, DenoiseState, Policy
-
-VOCAB, MASK = 30, 29
-
-
-def family(depths: tuple[int, ...] = (3, 1), vocab: int = VOCAB, seq_len: int = 16, dtype: torch.dtype = torch.float64) -> list[MDLMDenoiser]:
-    torch.manual_seed(0)
-    members = []
-    for depth in depths:
-        config = DenoiserConfig(vocab_size=vocab, mask_token_id=vocab - 1, seq_len=seq_len, n_blocks=depth, d_model=32, n_heads=4)
-        model = MDLMDenoiser(config).eval().to(dtype)
-        torch.nn.init.normal_(model.head.weight, std=1.0)  # sharp, varied predictions: a stronger test
-        members.append(model)
-    return members
-
-
-def meter(models: list[MDLMDenoiser]) -> CostMeter:
-    return CostMeter([f"m{i}" for i in range(len(models))], [m.config.n_blocks for m in models])
+from adasched.models import MDLMDenoiser
+from adasched.sampling.policy import ENTROPY, PROBE_ENTROPY, DenoiseState, Policy
+from adasched.sampling.reference import reference_sample, step_sample
+from adasched.sampling.spec import SamplingSpec
+from adasched.sampling.trajectory import reveal_steps, sample, sample_categorical
+from policies import make_policy, registered_policies
+from tests.helpers import MASK, family, fitted_kl_router, meter
 
 
 class ByRowParity(Policy):
@@ -44,7 +29,7 @@ class ByRowParity(Policy):
 
 
 class EscalateUncertainRows(Policy):
-    """Probe with the light model; rows whose probe entropy is above the batch median go to the heavy one."""
+    """Probe with the light model; rows whose probe entropy is above 1 nat go to the heavy one."""
 
     name = "escalate_uncertain_rows"
     features = frozenset({PROBE_ENTROPY, ENTROPY})
@@ -52,10 +37,11 @@ class EscalateUncertainRows(Policy):
 
     def act(self, state: DenoiseState) -> torch.Tensor:
         entropy = state.extras[PROBE_ENTROPY]
-        return torch.where(entropy > entropy.nanmedian(), 0, 1).to(torch.int64)
+        return torch.where(entropy > 1.0, 0, 1).to(torch.int64)
 
 
-POLICIES = [
+SAMPLERS = {"event": sample, "step": step_sample, "reference": reference_sample}
+STATIC_POLICIES = [
     ("static_heavy", {}, 2),
     ("static_light", {}, 2),
     ("static_sandwich", {"light_fraction": 0.4}, 2),
@@ -65,27 +51,58 @@ POLICIES = [
 ]
 
 
-@pytest.mark.parametrize(("name", "kwargs", "members"), POLICIES)
-def test_fast_and_reference_samplers_give_identical_tokens(name: str, kwargs: dict, members: int) -> None:
+def spec(num_steps: int = 50, seq_len: int = 16, batch_size: int = 5, top_p: float = 1.0) -> SamplingSpec:
+    return SamplingSpec(num_steps=num_steps, seq_len=seq_len, batch_size=batch_size, top_p=top_p)
+
+
+def assert_identical_runs(runs: list) -> None:
+    for other in runs[1:]:
+        assert torch.equal(runs[0].tokens, other.tokens)
+        assert torch.equal(runs[0].reveal_step, other.reveal_step)
+        assert torch.equal(runs[0].actions, other.actions)
+
+
+@pytest.mark.parametrize(("name", "kwargs", "members"), STATIC_POLICIES)
+def test_event_step_and_reference_samplers_give_identical_tokens(name: str, kwargs: dict, members: int) -> None:
     models = family((3, 2, 1)[:members] if members == 3 else (3, 1))
-    seeds = torch.arange(100, 112)
-    fast = sample(models, make_policy(name, **kwargs), seeds, num_steps=50, seq_len=16, meter=meter(models))
-    slow = reference_sample(models, make_policy(name, **kwargs), seeds, num_steps=50, seq_len=16, meter=meter(models))
-    assert torch.equal(fast.tokens, slow.tokens)
-    assert torch.equal(fast.reveal_step, slow.reveal_step)
-    assert torch.equal(fast.actions, slow.actions)
-    assert not (fast.tokens == MASK).any()
+    seeds = torch.arange(100, 112)  # 12 samples in slots of 5: continuous batching refills finished rows
+    runs = [sampler(models, make_policy(name, **kwargs), seeds, spec(), meter(models)) for sampler in SAMPLERS.values()]
+    assert_identical_runs(runs)
+    assert not (runs[0].tokens == MASK).any()
+    decided = runs[0].actions >= 0  # a decision exactly where a row reveals
+    assert torch.equal(decided, (runs[0].reveal_step.T[None] == torch.arange(50)[:, None, None]).any(1))
+
+
+DYNAMIC_POLICIES = [
+    ("entropy_router", {"mode": "probe", "threshold": 1.0}),  # tiny models' entropies lie around 0.5-2 nats
+    ("entropy_router", {"mode": "lagged", "threshold": 1.0}),
+    ("mask_fraction_router", {"light_mass": 0.4, "skew": 0.3}),
+    ("kl_router", {}),
+]
+
+
+def test_every_registered_policy_is_tested_for_exactness() -> None:
+    tested = {name for name, _, _ in STATIC_POLICIES} | {name for name, _ in DYNAMIC_POLICIES}
+    assert set(registered_policies()) - tested == {"learned_router"}  # its identical-token test is in test_env
+
+
+@pytest.mark.parametrize(("name", "kwargs"), DYNAMIC_POLICIES)
+def test_dynamic_policies_give_identical_tokens_in_every_sampler(name: str, kwargs: dict, tmp_path: Path) -> None:
+    """Each is a function of the row's state, which every sampler builds alike, whatever the row's company."""
+    models = family()
+    if name == "kl_router":
+        kwargs = {"path": str(fitted_kl_router(models, tmp_path))}
+    runs = [sampler(models, make_policy(name, **kwargs), torch.arange(9), spec(40), meter(models)) for sampler in SAMPLERS.values()]
+    assert_identical_runs(runs)
+    assert {0, 1} <= set(runs[0].actions.unique().tolist())  # both models ran: the agreement is not trivial
 
 
 def test_identical_with_mixed_models_in_a_batch_prefix_and_top_p() -> None:
     models = family()
     seeds = torch.arange(20)
     prefix = torch.randint(0, MASK, (20, 4), generator=torch.Generator().manual_seed(3))
-    runs = [
-        sampler(models, ByRowParity(), seeds, num_steps=30, seq_len=16, meter=meter(models), prefix=prefix, top_p=0.8)
-        for sampler in (sample, reference_sample)
-    ]
-    assert torch.equal(runs[0].tokens, runs[1].tokens)
+    runs = [sampler(models, ByRowParity(), seeds, spec(30, top_p=0.8), meter(models), prompts=prefix) for sampler in SAMPLERS.values()]
+    assert_identical_runs(runs)
     assert torch.equal(runs[0].tokens[:, :4], prefix)
     assert (runs[0].reveal_step[:, :4] == -1).all() and (runs[0].reveal_step[:, 4:] >= 0).all()
 
@@ -93,27 +110,36 @@ def test_identical_with_mixed_models_in_a_batch_prefix_and_top_p() -> None:
 def test_identical_when_a_probe_decides_and_the_probe_is_reused() -> None:
     models = family()
     seeds = torch.arange(16)
-    fast_meter = meter(models)
-    runs = [sampler(models, EscalateUncertainRows(), seeds, 40, 16, m) for sampler, m in ((sample, fast_meter), (reference_sample, meter(models)))]
-    assert torch.equal(runs[0].tokens, runs[1].tokens) and torch.equal(runs[0].actions, runs[1].actions)
-    assert set(runs[0].actions.unique().tolist()) == {0, 1}
+    event_meter = meter(models)
+    runs = [sampler(models, EscalateUncertainRows(), seeds, spec(40), m) for sampler, m in ((sample, event_meter), (step_sample, meter(models)), (reference_sample, meter(models)))]
+    assert_identical_runs(runs)
+    assert set(runs[0].actions.unique().tolist()) == {-1, 0, 1}
     # the probe runs the light model on every row that reveals; rows staying light reuse it: no second forward
-    light_rows_probed = fast_meter.forwards[1]
-    assert light_rows_probed == int((runs[0].reveal_step[:, :, None] == torch.arange(40)).any(1).sum())
+    assert event_meter.forwards[1] == int((runs[0].actions >= 0).sum())
 
 
 def test_rows_do_not_depend_on_their_batch_company() -> None:
     models = family()
-    together = sample(models, ByRowParity(), torch.arange(10), 40, 16, meter(models)).tokens
-    alone = sample(models, ByRowParity(), torch.tensor([7]), 40, 16, meter(models)).tokens
+    together = sample(models, ByRowParity(), torch.arange(10), spec(40), meter(models)).tokens
+    alone = sample(models, ByRowParity(), torch.tensor([7]), spec(40, batch_size=1), meter(models)).tokens
     assert torch.equal(together[7], alone[0])
+
+
+def test_the_reveal_plan_is_what_stepping_draws() -> None:
+    """A position reveals at the first step whose REVEAL uniform falls under 1 / (T - k); each step equally likely."""
+    seeds, steps = torch.arange(400), 10
+    plan = reveal_steps(seeds, steps, 16, prefix_len=3)
+    assert (plan[:, :3] == -1).all() and plan[:, 3:].min() >= 0 and plan[:, 3:].max() < steps
+    counts = torch.bincount(plan[:, 3:].flatten(), minlength=steps).double()
+    expected = counts.sum() / steps
+    assert ((counts - expected) ** 2 / expected).sum().item() < chi2.ppf(0.999, df=steps - 1)
 
 
 def test_float32_models_agree_almost_everywhere() -> None:
     models = family(dtype=torch.float32)
     seeds = torch.arange(64)
-    fast = sample(models, make_policy("static_sandwich"), seeds, 64, 16, meter(models)).tokens
-    slow = reference_sample(models, make_policy("static_sandwich"), seeds, 64, 16, meter(models)).tokens
+    fast = sample(models, make_policy("static_sandwich"), seeds, spec(64, batch_size=16), meter(models)).tokens
+    slow = reference_sample(models, make_policy("static_sandwich"), seeds, spec(64, batch_size=16), meter(models)).tokens
     # batching may move float32 logits by ~1e-7; a draw within that of a CDF edge can differ (rarely)
     assert (fast == slow).float().mean() > 0.995
 
@@ -143,13 +169,13 @@ def exact_two_token_distribution(models: list[MDLMDenoiser], plan: list[int]) ->
 
 
 @pytest.mark.parametrize("sampler", [sample, reference_sample])
-def test_sequences_follow_the_exact_distribution(sampler) -> None:
+def test_sequences_follow_the_exact_distribution(sampler: object) -> None:
     models = family(vocab=6, seq_len=2)
     steps, n = 4, 20_000
     policy = make_policy("static_segments", spec="L1,H2,L1")
     with torch.no_grad():
         exact = exact_two_token_distribution(models, policy.segments.plan(steps).tolist())[:5, :5].flatten()
-    tokens = sampler(models, policy, torch.arange(n), steps, 2, meter(models)).tokens
+    tokens = sampler(models, policy, torch.arange(n), spec(steps, seq_len=2, batch_size=512), meter(models)).tokens
     counts = torch.bincount(tokens[:, 0] * 5 + tokens[:, 1], minlength=25).double()
     expected = exact * n
     assert abs(exact.sum().item() - 1) < 1e-9
@@ -172,18 +198,30 @@ def test_float64_categorical_and_nucleus() -> None:
 def test_costs_count_only_what_ran() -> None:
     models = family()
     fast_meter, slow_meter = meter(models), meter(models)
-    sample(models, make_policy("static_sandwich", light_fraction=0.25), torch.arange(8), 100, 16, fast_meter)
-    reference_sample(models, make_policy("static_sandwich", light_fraction=0.25), torch.arange(8), 100, 16, slow_meter)
-    assert fast_meter.saved_nominal() == pytest.approx(0.25 * (3 - 1) / 3)
-    assert sum(fast_meter.forwards) <= 8 * 16  # a row runs a model only at steps where it reveals something
+    out = sample(models, make_policy("static_sandwich", light_fraction=0.25), torch.arange(8), spec(100, batch_size=8), fast_meter)
+    reference_sample(models, make_policy("static_sandwich", light_fraction=0.25), torch.arange(8), spec(100, batch_size=8), slow_meter)
+    decisions = out.actions[out.actions >= 0]
+    assert fast_meter.saved_nominal() == pytest.approx(float((decisions == 1).double().mean()) * (3 - 1) / 3)
+    assert sum(fast_meter.forwards) == len(decisions) <= 8 * 16  # a row runs a model only at steps where it reveals
     assert sum(fast_meter.flops) < sum(slow_meter.flops) / 2
     assert 0 < fast_meter.saved_executed() < 1
+
+
+def test_one_forward_per_model_covers_every_unfinished_row() -> None:
+    models = family()
+    event_meter, step_meter = meter(models), meter(models)
+    sample(models, make_policy("static_heavy"), torch.arange(24), spec(200, batch_size=8), event_meter)
+    step_sample(models, make_policy("static_heavy"), torch.arange(24), spec(200, batch_size=8), step_meter)
+    assert event_meter.forwards == step_meter.forwards  # the same row-forwards...
+    assert event_meter.batched_forwards[0] < step_meter.batched_forwards[0] / 3  # ...in far fewer, fuller calls
+    assert event_meter.forwards[0] / event_meter.batched_forwards[0] > 6  # about 8 rows a call while samples remain
 
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
         ({"num_steps": 0}, "sampling.num_steps=0"),
+        ({"batch_size": -1}, "sampling.batch_size=-1"),
         ({"seq_len": 17}, "sampling.seq_len=17"),
         ({"top_p": 0.0}, "sampling.top_p=0.0"),
     ],
@@ -192,4 +230,4 @@ def test_bad_sampling_arguments_fail_by_name(kwargs: dict, message: str) -> None
     models = family()
     arguments = {"num_steps": 10, "seq_len": 16, "top_p": 1.0} | kwargs
     with pytest.raises(ConfigError, match=message):
-        sample(models, make_policy("static_heavy"), torch.arange(2), meter=meter(models), **arguments)
+        sample(models, make_policy("static_heavy"), torch.arange(2), SamplingSpec(**arguments), meter(models))

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from adasched.export import read_metadata
+from adasched.models.export import read_metadata
 from adasched.models.family import load_family
-from tests.conftest import SHIPPED
+from tests.helpers import SHIPPED
 
 LIGHT_DEPTHS = {"light": 2, "light_b3": 3, "light_b4": 4, "light_b5": 5}  # the light-size table's members
 DENOISERS = ("heavy", "heavy_seed1", *LIGHT_DEPTHS)

@@ -10,13 +10,18 @@ import pytest
 import torch
 from omegaconf import open_dict
 
+from adasched.analysis.step_importance import (
+    corruptions,
+    score_sequences,
+    summarize,
+    time_grid,
+)
+from adasched.analysis.step_statistics import masked_kl
 from adasched.errors import ConfigError
 from adasched.jobs.step_importance import step_importance
 from adasched.models.dit import MDLMDenoiser
 from adasched.models.family import load_family
-from adasched.step_importance import corruptions, score_sequences, summarize, time_grid
-from adasched.step_statistics import masked_kl
-from tests.conftest import compose_config
+from tests.helpers import compose_config
 
 SEED = 3
 

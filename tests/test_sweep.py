@@ -10,31 +10,20 @@ import sys
 from pathlib import Path
 
 import pytest
-from omegaconf import DictConfig, open_dict
+from omegaconf import open_dict
 
+from adasched.analysis.segment_search import (
+    analysis,
+    searched,
+    segment_influence,
+    segment_search_arms,
+)
 from adasched.errors import ConfigError
 from adasched.jobs import sweep as sweep_job
 from adasched.jobs.sweep import merge_shards, sweep
-from adasched.segment_search import analysis, searched, segment_influence, segment_search_arms
-from tests.conftest import ROOT, compose_config
+from tests.helpers import ROOT, compose_config, sweep_config
 
 ARMS = ["static_heavy", "static_sandwich", "mask_fraction_router", "entropy_probe", "entropy_lagged"]
-
-
-def sweep_config(family: Path, run_dir: Path, *overrides: str) -> DictConfig:
-    cfg = compose_config(
-        "sweep",
-        [
-            f"family.dir={family}", "sampling.num_samples=6", "sampling.batch_size=6", "sampling.num_steps=20",
-            "sampling.seq_len=16", "eval.batch_size=6", "logger.mode=disabled", "device=cpu",
-            "calibration.num_samples=6", "calibration.tolerance=0.03", *overrides,
-        ],
-    )
-    with open_dict(cfg):
-        cfg.run_dir = str(run_dir)
-        for name in ("kl_router", "learned_router"):  # routers fitted to the shipped family, not the tiny one
-            cfg.experiment.arms.pop(name, None)
-    return cfg
 
 
 class Killed(Exception):
@@ -70,7 +59,7 @@ SEARCH = ["experiment=exhaustive", "experiment.segment_search.num_segments=4", "
 def test_a_killed_sweep_resumes_to_the_same_table(tiny_family: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, experiment: list[str]) -> None:
     rows = sweep(sweep_config(tiny_family, tmp_path / "uninterrupted", *experiment))
 
-    evaluate = sweep_job.evaluate_samples
+    evaluate = sweep_job.evaluate_arm
     calls, crash_at = [], [4]
 
     def crash_on_the_fourth_arm(*args, **kwargs):
@@ -80,7 +69,7 @@ def test_a_killed_sweep_resumes_to_the_same_table(tiny_family: Path, tmp_path: P
             raise Killed
         return evaluate(*args, **kwargs)
 
-    monkeypatch.setattr(sweep_job, "evaluate_samples", crash_on_the_fourth_arm)
+    monkeypatch.setattr(sweep_job, "evaluate_arm", crash_on_the_fourth_arm)
     resumed = tmp_path / "resumed"
     with pytest.raises(Killed):
         sweep(sweep_config(tiny_family, resumed, *experiment))

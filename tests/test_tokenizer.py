@@ -6,9 +6,14 @@ from pathlib import Path
 
 import pytest
 
+from adasched.data.tokenizer import (
+    gpt2_tokenizer,
+    load_or_train_tokenizer,
+    special_ids,
+    train_bpe,
+)
 from adasched.errors import ConfigError
-from adasched.tokenizer import gpt2_tokenizer, load_or_train_tokenizer, special_ids, train_bpe
-from tests.conftest import SHIPPED
+from tests.helpers import SHIPPED
 
 
 def test_gpt2_tokenizer_gives_the_reference_ids_offline() -> None:

@@ -14,10 +14,10 @@ from omegaconf import open_dict
 
 from adasched.errors import ConfigError
 from adasched.jobs.train import train
-from adasched.learning_curve import CurvePoint, plateau, read_curve
 from adasched.models.family import load_denoiser
-from adasched.training import compile_blocks, warmup_cosine
-from tests.conftest import ROOT, compose_config, tiny_train_config
+from adasched.training.learning_curve import CurvePoint, plateau, read_curve
+from adasched.training.module import compile_blocks, warmup_cosine
+from tests.helpers import ROOT, compose_config, tiny_train_config
 
 
 def test_train_exports_a_denoiser_with_metadata_and_resumes(tmp_path: Path, tiny_corpus: dict[str, str]) -> None:

@@ -1,7 +1,8 @@
-"""``benchmark(cfg)``: time adasched's sampler against the reference sampler, in one process, and write JSON.
+"""``benchmark(cfg)``: time adasched's samplers against the reference sampler, in one process, and write JSON.
 
-Both samplers run the same models, seeds and schedules, so they do the same denoising and reveal the same
-positions; only the work per step differs. For every size the job reports the samplers' throughput under
+The event-driven sampler, the step sampler (adasched's first) and MDLM's reference sampler run the same
+models, seeds and schedules, so they do the same denoising and reveal the same positions; only the work
+per step differs. For every size the job reports the samplers' throughput under
 ``static_heavy`` and, for each other policy, the wall-clock saving against ``static_heavy`` next to the
 saving the FLOPs count predicts for the same run, because the gap between the two is what a schedule
 really buys on a given machine.
@@ -9,7 +10,7 @@ really buys on a given machine.
 A size either times whole trajectories or a slice: steps [k0, k0 + k) of a ``num_steps`` trajectory
 (``slice_start`` = k0, ``steps_timed`` = k), for models too large to sample 1000 steps of on a CPU. The
 slice starts from a state with round(L * k0 / num_steps) positions revealed, held as a random prefix, and
-runs ``num_steps - k0`` steps, stopped after k. A masked position then reveals with probability
+runs ``num_steps - k0`` steps, stopped after k (``SamplingSpec.stop_step``). A masked position then reveals with probability
 1 / (num_steps - k0 - j) at step j, exactly as at step k0 + j of the full trajectory, so each timed step
 does the work of the step it stands for (the revealed tokens' values and places change neither sampler's
 work). The policy lays its schedule over the k timed steps as if they were its whole run, so
@@ -22,7 +23,7 @@ import dataclasses
 import platform
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -31,19 +32,22 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from adasched.costs import CostMeter
 from adasched.errors import ConfigError
-from adasched.export import DTYPES, write_json_atomic
-from adasched.generation import Sampler
-from adasched.jobs.run import BASELINE_POLICY, resolve_device
+from adasched.io import write_json_atomic
+from adasched.jobs.arms import resolve_device
+from adasched.jobs.run import BASELINE_POLICY
 from adasched.models.dit import DenoiserConfig, MDLMDenoiser
+from adasched.models.export import DTYPES
 from adasched.models.family import load_family
-from adasched.reference_sampler import reference_sample
-from adasched.sampling import sample
+from adasched.sampling.costs import CostMeter
+from adasched.sampling.generation import Sampler
+from adasched.sampling.policy import DenoiseState, Policy, StepOutput
+from adasched.sampling.reference import reference_sample, step_sample
+from adasched.sampling.spec import SamplingSpec
+from adasched.sampling.trajectory import sample
 from policies import make_policy
-from policies.base import DenoiseState, Policy, StepOutput
 
-SAMPLERS: dict[str, Sampler] = {"fast": sample, "reference": reference_sample}
+SAMPLERS: dict[str, Sampler] = {"event": sample, "step": step_sample, "reference": reference_sample}
 
 
 @dataclasses.dataclass
@@ -75,10 +79,6 @@ class Size:
         return -(-self.num_samples // self.batch_size)
 
 
-class SliceDone(Exception):
-    """Ends a sampler after the timed steps: ``sample`` has no stop argument, but it calls ``on_step``."""
-
-
 class OverSlice(Policy):
     """Gives ``inner`` the timed steps as its whole run; without it a schedule would be laid over the
     ``num_steps - slice_start`` steps the sampler is started for, and ``static_sandwich`` would time only
@@ -88,29 +88,15 @@ class OverSlice(Policy):
         self.inner, self.span = inner, span
         self.name, self.features, self.budget, self.probe_model = inner.name, inner.features, inner.budget, inner.probe_model
 
-    def reset(self, batch_size: int, num_steps: int, num_models: int, seed: int = 0) -> None:
-        super().reset(batch_size, self.span, num_models, seed)
-        self.inner.reset(batch_size, self.span, num_models, seed)
+    def reset(self, num_steps: int, num_models: int) -> None:
+        super().reset(self.span, num_models)
+        self.inner.reset(self.span, num_models)
 
     def act(self, state: DenoiseState) -> torch.Tensor:
         return self.inner.act(dataclasses.replace(state, num_steps=self.span))
 
     def observe(self, state: DenoiseState, action: torch.Tensor, output: StepOutput) -> None:
         self.inner.observe(dataclasses.replace(state, num_steps=self.span), action, output)
-
-
-def progress_until(steps: int, run_steps: int, bar: tqdm) -> Callable[[int], None]:
-    """An ``on_step`` that advances ``bar`` and raises SliceDone after ``steps`` of the ``run_steps`` steps."""
-    done = 0
-
-    def on_step(count: int) -> None:
-        nonlocal done
-        bar.update(count)
-        done += count
-        if done == steps < run_steps:
-            raise SliceDone
-
-    return on_step
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -174,31 +160,24 @@ def slice_prefix(size: Size, seed: int) -> torch.Tensor | None:
     return tokens + (tokens >= config.mask_token_id)  # skip the mask id
 
 
-def batches(size: Size, seed: int) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-    """(seeds, prefix) of every batch, on the models' device: sample i has seed ``seed + i`` under every cell."""
+def work(size: Size, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(seeds, prefix) of the size's samples on the models' device: sample i has seed ``seed + i`` in every cell."""
     device = next(size.models[0].parameters()).device
-    seeds, prefix = seed + torch.arange(size.num_samples), slice_prefix(size, seed)
-    return [
-        (seeds[start : start + size.batch_size].to(device), None if prefix is None else prefix[start : start + size.batch_size].to(device))
-        for start in range(0, size.num_samples, size.batch_size)
-    ]
+    prefix = slice_prefix(size, seed)
+    return (seed + torch.arange(size.num_samples)).to(device), None if prefix is None else prefix.to(device)
 
 
-def sample_batch(
-    sampler: Sampler, size: Size, policy: Policy, seeds: torch.Tensor, prefix: torch.Tensor | None, steps: int, meter: CostMeter, bar: tqdm
-) -> float:
-    """Seconds one batch takes for the first ``steps`` steps of the size's run (slices: of its slice)."""
-    run_steps = size.num_steps - size.slice_start
+def sample_cell(sampler: Sampler, size: Size, policy: Policy, samples: tuple[torch.Tensor, torch.Tensor | None], steps: int, meter: CostMeter, bar: tqdm) -> float:
+    """Seconds the sampler takes for the first ``steps`` steps of the size's run (slices: of its slice)."""
     if not size.whole:
         policy = OverSlice(policy, size.steps_timed)
+    seeds, prefix = samples
+    spec = SamplingSpec(size.num_steps - size.slice_start, size.seq_len, size.batch_size, stop_step=steps)
     device = seeds.device
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
-    try:
-        sampler(size.models, policy, seeds, run_steps, size.seq_len, meter, prefix=prefix, on_step=progress_until(steps, run_steps, bar))
-    except SliceDone:
-        pass
+    sampler(size.models, policy, seeds, spec, meter, prompts=prefix, on_step=bar.update)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - start
@@ -209,12 +188,11 @@ def depths(size: Size) -> list[int]:
 
 
 def run_cell(
-    size: Size, sampler: str, policy: str, kwargs: dict[str, Any], work: list[tuple[torch.Tensor, torch.Tensor | None]], steps: int, bar: tqdm
+    size: Size, sampler: str, policy: str, kwargs: dict[str, Any], samples: tuple[torch.Tensor, torch.Tensor | None], steps: int, bar: tqdm
 ) -> tuple[float, CostMeter]:
-    """Seconds to run ``steps`` steps of every batch in ``work`` with one sampler and policy, and the run's costs."""
+    """Seconds to run ``steps`` steps of ``samples`` with one sampler and policy, and the run's costs."""
     meter = CostMeter(size.names, depths(size))
-    wall = sum(sample_batch(SAMPLERS[sampler], size, make_policy(policy, **kwargs), seeds, prefix, steps, meter, bar) for seeds, prefix in work)
-    return wall, meter
+    return sample_cell(SAMPLERS[sampler], size, make_policy(policy, **kwargs), samples, steps, meter, bar), meter
 
 
 def time_cells(size: Size, policies: dict[str, dict[str, Any]], repeats: int, seed: int) -> dict[str, dict[str, dict[str, Any]]]:
@@ -222,21 +200,21 @@ def time_cells(size: Size, policies: dict[str, dict[str, Any]], repeats: int, se
 
     Every cell first runs ``warmup_steps`` steps of one batch untimed.
     """
-    work = batches(size, seed)
+    samples = work(size, seed)
+    first_batch = (samples[0][: size.batch_size], None if samples[1] is None else samples[1][: size.batch_size])
     cells = [(policy, sampler) for policy in policies for sampler in SAMPLERS]
     warmup = min(size.warmup_steps, size.steps_timed)
     walls: dict[tuple[str, str], list[float]] = {cell: [] for cell in cells}
     meters: dict[tuple[str, str], CostMeter] = {}  # FLOPs are the same every repeat: keep the last
-    total = len(cells) * (warmup + repeats * size.num_batches * size.steps_timed)
-    with tqdm(total=total, desc=f"benchmark [{size.name}]", unit="step") as bar:
+    with tqdm(desc=f"benchmark [{size.name}]", unit="step") as bar:
         if warmup > 0:
             for policy, sampler in cells:
                 bar.set_postfix_str(f"warm-up {policy} {sampler}")
-                run_cell(size, sampler, policy, policies[policy], work[:1], warmup, bar)
+                run_cell(size, sampler, policy, policies[policy], first_batch, warmup, bar)
         for repeat in range(repeats):
             for policy, sampler in cells:
                 bar.set_postfix_str(f"repeat {repeat + 1}/{repeats} {policy} {sampler}")
-                wall, meters[policy, sampler] = run_cell(size, sampler, policy, policies[policy], work, size.steps_timed, bar)
+                wall, meters[policy, sampler] = run_cell(size, sampler, policy, policies[policy], samples, size.steps_timed, bar)
                 walls[policy, sampler].append(wall)
     results: dict[str, dict[str, dict[str, Any]]] = {policy: {} for policy in policies}
     for (policy, sampler), times in walls.items():
@@ -247,7 +225,7 @@ def time_cells(size: Size, policies: dict[str, dict[str, Any]], repeats: int, se
 def cell_summary(size: Size, walls: list[float], meter: CostMeter) -> dict[str, Any]:
     """Median wall-clock and the rates derived from it; a slice's samples/s assumes every step costs alike."""
     wall = statistics.median(walls)
-    per_step = wall / (size.num_batches * size.steps_timed)
+    per_step = wall / (size.num_batches * size.steps_timed)  # per step of a batch: comparable across samplers
     rate = {"samples_per_s": size.num_samples / wall} if size.whole else {"samples_per_s_extrapolated": size.batch_size / (per_step * size.num_steps)}
     return {
         "wall_s": wall,
@@ -305,7 +283,8 @@ def benchmark_size(size: Size, policies: dict[str, dict[str, Any]], repeats: int
             "warmup_steps": min(size.warmup_steps, size.steps_timed), "timed": describe_timing(size),
         },
         "cells": cells,
-        "speedup_fast_over_reference": {policy: ratio(c["reference"]["wall_s"], c["fast"]["wall_s"]) for policy, c in cells.items()},
+        "speedup_event_over_reference": {policy: ratio(c["reference"]["wall_s"], c["event"]["wall_s"]) for policy, c in cells.items()},
+        "speedup_event_over_step": {policy: ratio(c["step"]["wall_s"], c["event"]["wall_s"]) for policy, c in cells.items()},
         "savings_vs_" + BASELINE_POLICY: savings(cells),
     }
 
@@ -383,19 +362,20 @@ def format_table(results: dict[str, Any]) -> str:
     meta = results["metadata"]
     lines = [
         f"device {meta['device_name']} ({meta['device']}, {meta['dtype']}, {meta['threads']} threads), torch {meta['torch']}, median of {meta['repeats']}",
-        f"{'size':8} {'policy':16} {'sampler':9} {'s/step':>9} {'samples/s':>10} {'fast/ref':>8} {'wall saved':>10} {'FLOPs saved':>11} {'nominal':>7} {'real/pred':>9}",
+        f"{'size':10} {'policy':16} {'sampler':9} {'s/step':>9} {'samples/s':>10} {'/ref':>7} {'/step':>7} {'wall saved':>10} {'FLOPs saved':>11} {'real/pred':>9}",
     ]
     for name, size in results["sizes"].items():
         saved = size["savings_vs_" + meta["baseline"]]
         for policy, by_sampler in size["cells"].items():
             for sampler, cell in by_sampler.items():
                 rate = f"{cell['samples_per_s']:.3g}" if "samples_per_s" in cell else f"~{cell['samples_per_s_extrapolated']:.3g}"
-                speedup = size["speedup_fast_over_reference"][policy] if sampler == "fast" else None
+                over_reference = size["speedup_event_over_reference"][policy] if sampler == "event" else None
+                over_step = size["speedup_event_over_step"][policy] if sampler == "event" else None
                 row = saved.get(policy, {}).get(sampler, {})  # the baseline has no saving
                 lines.append(
-                    f"{name:8} {policy:16} {sampler:9} {cell['s_per_step']:9.4f} {rate:>10} {fmt(speedup, '.2f', 'x'):>8} "
-                    f"{fmt(row.get('wall_saved'), '.1%'):>10} {fmt(row.get('flops_saved_executed'), '.1%'):>11} "
-                    f"{fmt(row.get('flops_saved_nominal'), '.1%'):>7} {fmt(row.get('realized_over_predicted'), '.2f'):>9}"
+                    f"{name:10} {policy:16} {sampler:9} {cell['s_per_step']:9.4f} {rate:>10} {fmt(over_reference, '.2f', 'x'):>7} "
+                    f"{fmt(over_step, '.2f', 'x'):>7} {fmt(row.get('wall_saved'), '.1%'):>10} "
+                    f"{fmt(row.get('flops_saved_executed'), '.1%'):>11} {fmt(row.get('realized_over_predicted'), '.2f'):>9}"
                 )
     return "\n".join(lines)
 

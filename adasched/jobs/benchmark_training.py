@@ -20,10 +20,10 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import EMAWeightAveraging
 from omegaconf import DictConfig, OmegaConf
 
+from adasched.data.tokenizer import load_or_train_tokenizer
 from adasched.errors import ConfigError
-from adasched.export import write_json_atomic
-from adasched.tokenizer import load_or_train_tokenizer
-from adasched.training import LanguageModelModule
+from adasched.io import write_json_atomic
+from adasched.training.module import LanguageModelModule
 
 
 class StepTimer(L.Callback):

@@ -13,13 +13,18 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from adasched.evaluation import load_evaluator
-from adasched.export import read_metadata, write_json_atomic
-from adasched.learning_curve import CURVE_FILE, read_curve
+from adasched.analysis.evaluation import load_evaluator
+from adasched.analysis.plots import plot_learning_curves
+from adasched.data.tokenizer import load_or_train_tokenizer
+from adasched.io import write_json_atomic
+from adasched.models.export import read_metadata
 from adasched.models.family import load_family
-from adasched.plots import plot_learning_curves
-from adasched.tokenizer import load_or_train_tokenizer
-from adasched.training import CausalLMObjective, MaskedDiffusionObjective, evaluate
+from adasched.training.learning_curve import CURVE_FILE, read_curve
+from adasched.training.module import (
+    CausalLMObjective,
+    MaskedDiffusionObjective,
+    evaluate,
+)
 
 
 def plot_family_curves(family_dir: Path, members: list[str], path: Path) -> Path | None:

@@ -1,7 +1,7 @@
 """``step_importance(cfg)``: the paper's step-importance analysis (sec. 4.1, Fig. 5 and 6) on a model family.
 
 Compares each light model with the heavy reference on the same corrupted held-out blocks at every t of a
-grid (see ``adasched.step_importance``) and writes into the run directory: step_importance.csv (one row per
+grid (see ``adasched.analysis.step_importance``) and writes into the run directory: step_importance.csv (one row per
 t and light model), step_importance.json (settings, every curve, the t of each peak) and the two figures,
 loss_difference.png (Fig. 5) and kl_relative.png (Fig. 6); then logs them to W&B.
 """
@@ -20,16 +20,24 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig
 from tqdm.auto import tqdm
 
-from adasched.comparison import format_table, to_csv
+from adasched.analysis.comparison import format_table, to_csv
+from adasched.analysis.plots import MODEL_COLORS, save_figure
+from adasched.analysis.run_logging import log_run
+from adasched.analysis.step_importance import (
+    StepImportance,
+    choose_sequences,
+    peak_times,
+    score_sequences,
+    summarize,
+    table_rows,
+    time_grid,
+)
+from adasched.data.tokenizer import load_tokenizer
 from adasched.errors import ConfigError
-from adasched.export import write_json_atomic, write_text_atomic
-from adasched.jobs.run import resolve_device
+from adasched.io import write_json_atomic, write_text_atomic
+from adasched.jobs.arms import resolve_device
 from adasched.models.dit import MDLMDenoiser
 from adasched.models.family import load_family
-from adasched.plots import MODEL_COLORS, save_figure
-from adasched.run_logging import log_run
-from adasched.step_importance import StepImportance, choose_sequences, peak_times, score_sequences, summarize, table_rows, time_grid
-from adasched.tokenizer import load_tokenizer
 
 SHOWN_COLUMNS = ("t", "light", "loss_diff", "kl", "kl_baseline", "kl_relative")
 

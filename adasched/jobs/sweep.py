@@ -13,24 +13,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from adasched.arm_log import ArmLog, read_sweep
-from adasched.comparison import SWEEP_COLUMNS, format_table, sweep_rows, to_csv
-from adasched.costs import CostMeter
+from adasched.analysis.arm_log import ArmLog, read_sweep
+from adasched.analysis.comparison import SWEEP_COLUMNS, format_table, sweep_rows, to_csv
+from adasched.analysis.plots import plot_arms, plot_quality_vs_compute
+from adasched.analysis.run_logging import log_run, samples_table
+from adasched.analysis.segment_search import (
+    analysis,
+    plot_analysis,
+    segment_search_arms,
+)
 from adasched.errors import ConfigError
-from adasched.evaluation import evaluate_samples, load_evaluator
-from adasched.export import write_json_atomic, write_text_atomic
-from adasched.jobs.run import calibrate_to_budget, calibration_record, decode, prompts_for, resolve_device, sample_with, score, write_samples
-from adasched.models.family import load_family
-from adasched.plots import plot_arms, plot_quality_vs_compute, plot_schedule
-from adasched.segment_search import analysis, plot_analysis, segment_search_arms
-from adasched.run_logging import log_run, samples_table
-from adasched.tokenizer import load_tokenizer
-from policies import Policy
-from policies.base import check_budget
+from adasched.io import write_json_atomic, write_text_atomic
+from adasched.jobs.arms import evaluate_arm, load_setting
+from adasched.sampling.policy import Policy, check_budget
 
 
 @dataclass
@@ -130,34 +128,18 @@ def write_report(folder: Path, experiment: dict[str, Any], records: list[dict[st
 
 
 def run_arms(cfg: DictConfig, arms: list[Arm], log: ArmLog, start: int, total: int) -> None:
-    """Load the family and the evaluator once, then calibrate, sample and score each arm and append it."""
-    device = resolve_device(cfg.device)
-    names = list(cfg.family.members)
-    models = [m.to(device) for m in load_family({name: Path(cfg.family.dir) / name for name in names}).values()]
-    tokenizer = load_tokenizer(cfg.family.tokenizer)
-    evaluator, evaluator_tokenizer = load_evaluator(cfg.eval.ppl_model, device, cfg.eval.tokenizer_path)
-    prompts = prompts_for(cfg, tokenizer, cfg.seed + torch.arange(cfg.sampling.num_samples))
+    """Load the family and the evaluator once, then evaluate each arm and append it to the log."""
+    setting = load_setting(cfg)
+    for folder in ("samples", "schedules"):
+        (log.folder / folder).mkdir(exist_ok=True)
     for index, arm in enumerate(arms, start + 1):
         print(f"[{index}/{total}] {arm.label}", flush=True)
-        calibration = calibrate_to_budget(cfg, arm.label, arm.policy, models)
-        meter = CostMeter(names, [m.config.n_blocks for m in models])
-        generation = sample_with(cfg, arm.policy, models, meter, prompts)
-        texts, ids = decode(tokenizer, generation)
-        quality = evaluate_samples(score(cfg, texts, evaluator, evaluator_tokenizer), ids)
-        record: dict[str, Any] = {
-            "label": arm.label, "index": arm.index, "arm": arm.name, "budget": arm.budget, "policy": arm.policy.name,
-            "policy_config": arm.config, "seeds": generation.seeds.tolist(), **quality, **meter.summary(),
-            "wall_s": {"sampling": generation.wall_s},
-        }
-        if calibration is not None:
-            record["calibration"] = calibration_record(cfg, calibration)
-        for folder in ("samples", "schedules"):
-            (log.folder / folder).mkdir(exist_ok=True)
-        write_samples(log.folder / "samples" / f"{arm.label}.jsonl", generation, texts, quality["nll"], tokenizer)
-        schedule = plot_schedule(generation.actions, names, f"{arm.label}: model per step", log.folder / "schedules" / f"{arm.label}.png")
+        schedule = log.folder / "schedules" / f"{arm.label}.png"
+        outcome = evaluate_arm(setting, arm.label, arm.policy, samples_path=log.folder / "samples" / f"{arm.label}.jsonl", schedule_path=schedule)
+        record = {**outcome.record, "index": arm.index, "arm": arm.name, "budget": arm.budget, "policy_config": arm.config}
         log.append(record)
         summary = {key: value for key, value in record.items() if key not in ("nll", "seeds")}
-        log_run(cfg, f"{cfg.experiment.name}__{arm.label}", summary, {"samples": samples_table(record["seeds"], quality["nll"], texts)}, {"schedule": schedule})
+        log_run(cfg, f"{cfg.experiment.name}__{arm.label}", summary, {"samples": samples_table(record["seeds"], record["nll"], outcome.texts)}, {"schedule": schedule})
 
 
 def merge_shards(folder: Path) -> list[dict[str, Any]]:

@@ -17,17 +17,29 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import EarlyStopping, EMAWeightAveraging, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import (
+    EarlyStopping,
+    EMAWeightAveraging,
+    LearningRateMonitor,
+    ModelCheckpoint,
+    TQDMProgressBar,
+)
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
+from adasched.analysis.plots import plot_learning_curves
+from adasched.data.tokenizer import load_or_train_tokenizer
 from adasched.errors import ConfigError
-from adasched.export import METADATA_FILE, export_model, write_json_atomic
-from adasched.learning_curve import CURVE_FILE, CURVE_PLOT, LearningCurve, plateau
+from adasched.io import write_json_atomic
 from adasched.models.dit import MDLMDenoiser
-from adasched.plots import plot_learning_curves
-from adasched.tokenizer import load_or_train_tokenizer
-from adasched.training import LanguageModelModule, evaluate
+from adasched.models.export import METADATA_FILE, export_model
+from adasched.training.learning_curve import (
+    CURVE_FILE,
+    CURVE_PLOT,
+    LearningCurve,
+    plateau,
+)
+from adasched.training.module import LanguageModelModule, evaluate
 
 LOGGER_MODES = ("disabled", "offline", "online")
 

@@ -24,16 +24,23 @@ from stable_baselines3.common.callbacks import BaseCallback, CheckpointCallback
 from stable_baselines3.common.logger import KVWriter, Logger, configure
 from stable_baselines3.common.vec_env import VecMonitor
 
-from adasched.env import EpisodeConfig, LagrangeMultiplier, ModelScheduleVecEnv, evaluator_scorer
+from adasched.analysis.evaluation import load_evaluator
+from adasched.data.tokenizer import load_tokenizer
 from adasched.errors import ConfigError
-from adasched.evaluation import load_evaluator
-from adasched.export import write_json_atomic
-from adasched.jobs.run import resolve_device
+from adasched.io import atomic_path, write_json_atomic
+from adasched.jobs.arms import resolve_device
 from adasched.jobs.train import LOGGER_MODES
 from adasched.models.family import load_family
-from adasched.tokenizer import load_tokenizer
-from policies.base import check_budget
-from policies.learned import INFO_FILE, ROUTER_FILE, feature_names
+from adasched.rl.env import (
+    EpisodeConfig,
+    LagrangeMultiplier,
+    ModelScheduleVecEnv,
+    evaluator_scorer,
+)
+from adasched.sampling.features import feature_names
+from adasched.sampling.policy import check_budget
+from adasched.sampling.spec import SamplingSpec
+from policies.learned import INFO_FILE, ROUTER_FILE
 
 CHECKPOINT_PREFIX = "router"
 
@@ -131,10 +138,12 @@ def command_line() -> str:
 
 
 def export_router(model: PPO, export_dir: Path, info: dict[str, Any]) -> Path:
-    """Write the SB3 zip and its JSON (what ``policies.learned.LearnedRouter`` loads)."""
-    export_dir.mkdir(parents=True, exist_ok=True)
-    model.save(export_dir / ROUTER_FILE)
-    write_json_atomic(export_dir / INFO_FILE, info)
+    """Write the SB3 zip and its JSON (what ``policies.learned.LearnedRouter`` loads), as one folder, atomically."""
+    export_dir.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(export_dir) as partial:
+        partial.mkdir()
+        model.save(partial / ROUTER_FILE)
+        write_json_atomic(partial / INFO_FILE, info)
     return export_dir
 
 
@@ -154,7 +163,7 @@ def train_router(cfg: DictConfig) -> dict[str, Any]:
     multiplier = LagrangeMultiplier(latest[1] if latest else cfg.env.lambda_init, cfg.env.lambda_lr, cfg.budget)
     episodes = EpisodeConfig(
         models, evaluator_scorer(evaluator, evaluator_tokenizer, tokenizer, cfg.eval.batch_size, device),
-        cfg.sampling.num_steps, cfg.sampling.seq_len, cfg.budget, multiplier, cfg.env.quality_weight,
+        SamplingSpec(cfg.sampling.num_steps, cfg.sampling.seq_len, cfg.env.num_envs, cfg.sampling.top_p), cfg.budget, multiplier, cfg.env.quality_weight,
     )
     env = ModelScheduleVecEnv(episodes, cfg.env.num_envs, seed=cfg.seed)
     venv = VecMonitor(env)

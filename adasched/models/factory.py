@@ -7,8 +7,8 @@ from typing import Any
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
+from adasched.data.tokenizer import special_ids
 from adasched.models.dit import DenoiserConfig, MDLMDenoiser
-from adasched.tokenizer import special_ids
 
 
 def build_denoiser(tokenizer: PreTrainedTokenizerFast, seq_len: int, **architecture: Any) -> MDLMDenoiser:

@@ -15,7 +15,7 @@ from typing import Any
 
 import lightning as L
 
-from adasched.export import write_text_atomic
+from adasched.io import write_text_atomic
 
 CURVE_FILE = "learning_curve.csv"
 CURVE_PLOT = "learning_curve.png"

@@ -16,12 +16,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from adasched.costs import CostMeter
+from adasched.analysis.evaluation import SampleScores, sample_nll
 from adasched.errors import ConfigError
-from adasched.evaluation import SampleScores, sample_nll
-from adasched.generation import Generation, generate
 from adasched.models.dit import MDLMDenoiser
-from policies.base import Policy
+from adasched.sampling.costs import CostMeter
+from adasched.sampling.generation import Generation, generate
+from adasched.sampling.policy import Policy
+from adasched.sampling.spec import SamplingSpec
 
 
 def predict_trainer(accelerator: str, devices: int, num_nodes: int) -> L.Trainer:
@@ -80,20 +81,16 @@ class _ShardedPredict(L.LightningModule):
 
 class _Sampling(_ShardedPredict):
     def __init__(
-        self, models: Sequence[MDLMDenoiser], names: list[str], policy: Policy, seeds: torch.Tensor, prompts: torch.Tensor | None,
-        batch_size: int, num_steps: int, seq_len: int, top_p: float, budget: float | None,
+        self, models: Sequence[MDLMDenoiser], names: list[str], policy: Policy, seeds: torch.Tensor, prompts: torch.Tensor | None, spec: SamplingSpec,
     ) -> None:
-        super().__init__(len(seeds), batch_size)
+        super().__init__(len(seeds), spec.batch_size)
         self.models, self.names = nn.ModuleList(models), names
-        self.policy, self.seeds, self.prompts = policy, seeds, prompts
-        self.num_steps, self.seq_len, self.top_p, self.budget = num_steps, seq_len, top_p, budget
+        self.policy, self.seeds, self.prompts, self.spec = policy, seeds, prompts, spec
 
     def predict_share(self, indices: torch.Tensor) -> tuple[Generation, CostMeter]:
         meter = CostMeter(self.names, [m.config.n_blocks for m in self.models])
-        generation = generate(
-            list(self.models), self.policy, self.seeds[indices], len(indices), self.num_steps, self.seq_len, meter,
-            prompts=None if self.prompts is None else self.prompts[indices], top_p=self.top_p, budget=self.budget, progress=False,
-        )
+        prompts = None if self.prompts is None else self.prompts[indices]
+        generation = generate(list(self.models), self.policy, self.seeds[indices], self.spec, meter, prompts=prompts, progress=False)
         return generation, meter
 
 
@@ -108,13 +105,12 @@ class _Scoring(_ShardedPredict):
 
 
 def generate_data_parallel(
-    trainer: L.Trainer, models: Sequence[MDLMDenoiser], policy: Policy, seeds: torch.Tensor, batch_size: int,
-    num_steps: int, seq_len: int, meter: CostMeter, prompts: torch.Tensor | None = None, top_p: float = 1.0,
-    budget: float | None = None,
+    trainer: L.Trainer, models: Sequence[MDLMDenoiser], policy: Policy, seeds: torch.Tensor, spec: SamplingSpec, meter: CostMeter,
+    prompts: torch.Tensor | None = None,
 ) -> Generation:
     """``generate`` spread over the trainer's processes; ``meter`` gets every process's costs, and ``wall_s`` is
     the slowest process's sampling time (what the run waited for)."""
-    module = _Sampling(models, meter.names, policy, seeds, prompts, batch_size, num_steps, seq_len, top_p, budget)
+    module = _Sampling(models, meter.names, policy, seeds, prompts, spec)
     trainer.predict(module, return_predictions=False)
     wall_per_rank = [0.0] * trainer.world_size
     for rank, _, (generation, share_meter) in module.gathered:

@@ -10,18 +10,19 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import os
 import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import lightning as L
 import numpy as np
-from datasets import Dataset, DatasetDict, Features, Sequence as SequenceFeature, Value, load_dataset, load_from_disk
+from datasets import Dataset, DatasetDict, Features, Value, load_dataset, load_from_disk
+from datasets import Sequence as SequenceFeature
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerFast
 
 from adasched.errors import ConfigError, DataUnavailableError
+from adasched.io import atomic_path
 
 SPLITS = ("train", "validation")
 
@@ -181,9 +182,8 @@ def build_blocks(
             yield from pack_blocks(documents, seq_len, tokenizer.eos_token_id)
 
         blocks = Dataset.from_generator(generate, features=features, cache_dir=str(cache_dir / "generator"))
-        partial = cache_dir / f".blocks-{key}.{os.getpid()}.partial"
-        blocks.save_to_disk(str(partial))
-        partial.rename(target)  # atomic: a crash never leaves a half-written cache behind
+        with atomic_path(target) as partial:  # a crash never leaves a half-written cache behind
+            blocks.save_to_disk(str(partial))
         shutil.rmtree(cache_dir / "generator", ignore_errors=True)
     return load_from_disk(str(target)).with_format("torch")
 

@@ -15,7 +15,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from adasched.diffusion import masked_nelbo
+from adasched.training.diffusion import masked_nelbo
 
 VALIDATION_SEED = 1234  # validation noise is the same for every model and every evaluation: paired numbers
 

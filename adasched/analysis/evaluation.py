@@ -14,7 +14,12 @@ from typing import Any
 
 import torch
 from scipy.stats import t as student_t
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from adasched.errors import ConfigError, DataUnavailableError
 

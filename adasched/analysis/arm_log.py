@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from adasched.errors import ConfigError
-from adasched.export import write_json_atomic
+from adasched.io import write_json_atomic
 
 SETTINGS_FILE = "settings.json"
 ARMS_FILE = "arms.jsonl"

@@ -13,11 +13,12 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from adasched.costs import CostMeter
 from adasched.errors import ConfigError
 from adasched.models.dit import MDLMDenoiser
-from adasched.sampling import SampleOutput, sample
-from policies.base import Policy
+from adasched.sampling.costs import CostMeter
+from adasched.sampling.policy import Policy
+from adasched.sampling.spec import SamplingSpec
+from adasched.sampling.trajectory import SampleOutput, sample
 
 Sampler = Callable[..., SampleOutput]
 
@@ -28,7 +29,7 @@ class Generation:
     tokens: torch.Tensor  # (N, L)
     actions: torch.Tensor  # (num_steps, N)
     prefix_len: int
-    wall_s: float  # sampling only (no evaluation), summed over batches
+    wall_s: float  # sampling only (no evaluation)
 
 
 def validation_prompts(blocks: torch.Tensor, seeds: torch.Tensor, prefix_len: int) -> torch.Tensor:
@@ -42,34 +43,22 @@ def generate(
     models: Sequence[MDLMDenoiser],
     policy: Policy,
     seeds: torch.Tensor,
-    batch_size: int,
-    num_steps: int,
-    seq_len: int,
+    spec: SamplingSpec,
     meter: CostMeter,
     prompts: torch.Tensor | None = None,
-    top_p: float = 1.0,
-    budget: float | None = None,
     sampler: Sampler = sample,
     progress: bool = True,
 ) -> Generation:
-    """One sequence per seed (N,) in batches of ``batch_size``; ``prompts`` (N, k) fix each sample's first k tokens."""
-    num_samples = len(seeds)
-    for field, value in {"num_samples": num_samples, "batch_size": batch_size}.items():
-        if value <= 0:
-            raise ConfigError(f"{field}={value} is invalid; it must be a positive integer")
-    tokens, actions, wall = [], [], 0.0
+    """One sequence per seed (N,), ``spec.batch_size`` rows at a time; ``prompts`` (N, k) fix each sample's first k tokens."""
+    if len(seeds) == 0:
+        raise ConfigError("sampling.num_samples=0 is invalid; it must be a positive integer")
     device = next(models[0].parameters()).device
-    bar = tqdm(total=-(-num_samples // batch_size) * num_steps, desc=f"sampling [{policy.name}]", unit="step", disable=not progress)
-    for start in range(0, num_samples, batch_size):
-        batch_seeds = seeds[start : start + batch_size].to(device)
-        prefix = None if prompts is None else prompts[start : start + batch_size].to(device)
+    prompts = None if prompts is None else prompts.to(device)
+    with tqdm(desc=f"sampling [{policy.name}]", unit="step", disable=not progress) as bar:
         clock = time.perf_counter()
-        out = sampler(models, policy, batch_seeds, num_steps, seq_len, meter, prefix=prefix, top_p=top_p, budget=budget, on_step=bar.update)
+        out = sampler(models, policy, seeds.to(device), spec, meter, prompts=prompts, on_step=bar.update, on_start=lambda total: bar.reset(total))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        wall += time.perf_counter() - clock
-        tokens.append(out.tokens.cpu())
-        actions.append(out.actions.cpu())
-    bar.close()
+        wall = time.perf_counter() - clock
     prefix_len = 0 if prompts is None else prompts.shape[1]
-    return Generation(seeds, torch.cat(tokens), torch.cat(actions, dim=1), prefix_len, wall)
+    return Generation(seeds, out.tokens.cpu(), out.actions.cpu(), prefix_len, wall)

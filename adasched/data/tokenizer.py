@@ -91,5 +91,5 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
 def special_ids(tokenizer: PreTrainedTokenizerFast) -> tuple[int, int]:
     """(eos_id, mask_id) of a family tokenizer; refuses one without both."""
     if tokenizer.eos_token_id is None or tokenizer.mask_token_id is None:
-        raise ConfigError("the tokenizer needs both an EOS and a mask token; build it with adasched.tokenizer")
+        raise ConfigError("the tokenizer needs both an EOS and a mask token; build it with adasched.data.tokenizer")
     return tokenizer.eos_token_id, tokenizer.mask_token_id

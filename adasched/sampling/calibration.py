@@ -16,11 +16,12 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from adasched.costs import CostMeter
 from adasched.errors import ConfigError
-from adasched.generation import generate
 from adasched.models.dit import MDLMDenoiser
-from policies.base import Policy, check_budget
+from adasched.sampling.costs import CostMeter
+from adasched.sampling.generation import generate
+from adasched.sampling.policy import Policy, check_budget
+from adasched.sampling.spec import SamplingSpec
 
 
 @runtime_checkable
@@ -43,23 +44,18 @@ class Calibration:
     history: list[tuple[float, float]] = field(default_factory=list)  # (knob, saving) pairs tried
 
 
-def executed_saving(
-    policy: Policy, models: Sequence[MDLMDenoiser], num_samples: int, batch_size: int, base_seed: int, num_steps: int, seq_len: int
-) -> float:
-    """The executed FLOPs saving of ``policy`` on ``num_samples`` samples from ``base_seed`` on."""
+def executed_saving(policy: Policy, models: Sequence[MDLMDenoiser], seeds: torch.Tensor, spec: SamplingSpec) -> float:
+    """The executed FLOPs saving of ``policy`` on one sample per seed."""
     meter = CostMeter([str(i) for i in range(len(models))], [m.config.n_blocks for m in models])
-    generate(models, policy, base_seed + torch.arange(num_samples), batch_size, num_steps, seq_len, meter, budget=getattr(policy, "budget", None), progress=False)
+    generate(models, policy, seeds, spec, meter, progress=False)
     return meter.saved_executed()
 
 
 def calibrate(
     policy: Calibratable,
     models: Sequence[MDLMDenoiser],
-    num_samples: int,
-    batch_size: int,
-    base_seed: int,
-    num_steps: int,
-    seq_len: int,
+    seeds: torch.Tensor,
+    spec: SamplingSpec,
     tolerance: float = 0.005,
     max_tries: int = 12,
 ) -> Calibration:
@@ -77,7 +73,7 @@ def calibrate(
     def miss_at(knob: float) -> float:
         """The saving at ``knob`` minus the target (recorded in ``history``)."""
         policy.set_knob(knob)
-        saved = executed_saving(policy, models, num_samples, batch_size, base_seed, num_steps, seq_len)
+        saved = executed_saving(policy, models, seeds, spec)
         history.append((knob, saved))
         print(f"  calibration try {len(history)}: knob {knob:.4g} saves {saved:.2%} (target {target:.2%})", flush=True)
         return saved - target

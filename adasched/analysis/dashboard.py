@@ -19,12 +19,18 @@ import wandb_workspaces.reports.v2 as wr
 from omegaconf import DictConfig, OmegaConf
 from wandb_workspaces import expr
 
-from adasched.arm_log import read_sweep
-from adasched.comparison import COLUMNS, SWEEP_COLUMNS, find_results, load_rows, table_rows
+from adasched.analysis.arm_log import read_sweep
+from adasched.analysis.comparison import (
+    COLUMNS,
+    SWEEP_COLUMNS,
+    find_results,
+    load_rows,
+    table_rows,
+)
+from adasched.analysis.plots import plot_arms, plot_quality_vs_compute
+from adasched.analysis.segment_search import plot_analysis
 from adasched.errors import ConfigError
-from adasched.export import write_text_atomic
-from adasched.plots import plot_arms, plot_quality_vs_compute
-from adasched.segment_search import plot_analysis
+from adasched.io import write_text_atomic
 
 MARKDOWN_FILE = "dashboard.md"
 RESULTS_FILE = "results.json"  # the table a sweep (and a run) writes

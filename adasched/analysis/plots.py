@@ -12,29 +12,34 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 
+from adasched.io import atomic_path  # noqa: E402
+
 MODEL_COLORS = ["#1f4e79", "#d62728", "#ff9896", "#2ca02c", "#9467bd"]
 
 
 def save_figure(figure: plt.Figure, path: Path) -> Path:
-    """Write through a temporary file and an atomic rename."""
-    partial = path.with_name(f".{path.stem}.partial{path.suffix}")
-    figure.savefig(partial, dpi=120, bbox_inches="tight")
+    """Write the figure atomically and close it."""
+    with atomic_path(path) as partial:
+        figure.savefig(partial, dpi=120, bbox_inches="tight")
     plt.close(figure)
-    partial.replace(path)
     return path
 
 
+NO_FORWARD_COLOR = "#f2f2f2"  # steps at which a sample revealed nothing: no model ran
+
+
 def plot_schedule(actions: torch.Tensor, names: Sequence[str], title: str, path: Path, max_rows: int = 32) -> Path:
-    """Model per step (x: step, from t = 1 on the left) for up to ``max_rows`` samples (y)."""
+    """Model per step (x: step, from t = 1 on the left) for up to ``max_rows`` samples (y); -1 (no reveal) is blank."""
     shown = actions[:, :max_rows].T.numpy()
     figure, axis = plt.subplots(figsize=(10, 1.2 + 0.12 * shown.shape[0]))
-    colors = ListedColormap(MODEL_COLORS[: len(names)])
-    axis.imshow(shown, aspect="auto", interpolation="nearest", cmap=colors, vmin=-0.5, vmax=len(names) - 0.5)
+    colors = ListedColormap([NO_FORWARD_COLOR, *MODEL_COLORS[: len(names)]])
+    axis.imshow(shown, aspect="auto", interpolation="nearest", cmap=colors, vmin=-1.5, vmax=len(names) - 0.5)
     axis.set_xlabel("step (t = 1 -> 0)")
     axis.set_ylabel("sample")
     axis.set_title(title)
-    handles = [plt.Rectangle((0, 0), 1, 1, color=MODEL_COLORS[i]) for i in range(len(names))]
-    axis.legend(handles, names, loc="upper right", bbox_to_anchor=(1.0, 1.35), ncol=len(names), frameon=False)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=color) for color in [*MODEL_COLORS[: len(names)], NO_FORWARD_COLOR]]
+    labels = [*names, "no reveal"]
+    axis.legend(handles, labels, loc="upper right", bbox_to_anchor=(1.0, 1.35), ncol=len(labels), frameon=False)
     return save_figure(figure, path)
 
 

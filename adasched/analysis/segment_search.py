@@ -17,8 +17,8 @@ from typing import Any
 import matplotlib.pyplot as plt
 import numpy as np
 
+from adasched.analysis.plots import MODEL_COLORS, save_figure
 from adasched.errors import ConfigError
-from adasched.plots import MODEL_COLORS, save_figure
 
 POLICY = "static_segment_mask"
 

@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
+from adasched.analysis.evaluation import paired_difference
 from adasched.errors import ConfigError
-from adasched.evaluation import paired_difference
 
 COLUMNS = ("label", "gen_ppl", "ci95", "paired_diff", "entropy", "saved_nominal_%", "saved_executed_%", "wall_s", "speedup")
 

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 
 import torch
 
-from adasched.diffusion import corrupt
+from adasched.analysis.evaluation import mean_ci95
 from adasched.errors import ConfigError
-from adasched.evaluation import mean_ci95
 from adasched.models.dit import MDLMDenoiser
+from adasched.training.diffusion import corrupt
 
 
 def time_grid(num_times: int) -> torch.Tensor:

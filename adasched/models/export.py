@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -16,19 +14,10 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from adasched.io import atomic_path, write_json_atomic
+
 METADATA_FILE = "metadata.json"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write through a temporary file and an atomic rename: readers never see half a file."""
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    partial.write_text(text, encoding="utf-8")
-    partial.replace(path)
-
-
-def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def export_model(
@@ -40,19 +29,11 @@ def export_model(
         raise ValueError(f"export dtype {dtype!r} is unknown; choose one of {', '.join(DTYPES)}")
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    partial = directory.with_name(f".{directory.name}.{os.getpid()}.partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    copy.deepcopy(model).to(DTYPES[dtype]).save_pretrained(str(partial))
-    write_json_atomic(partial / METADATA_FILE, metadata)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(partial))
-    if directory.exists():
-        retired = directory.with_name(f".{directory.name}.{os.getpid()}.old")
-        directory.rename(retired)
-        partial.rename(directory)
-        shutil.rmtree(retired)
-    else:
-        partial.rename(directory)
+    with atomic_path(directory) as partial:
+        copy.deepcopy(model).to(DTYPES[dtype]).save_pretrained(str(partial))
+        write_json_atomic(partial / METADATA_FILE, metadata)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(partial))
     return directory
 
 

@@ -1,0 +1,193 @@
+"""Evaluating one policy (an "arm") on a run's seeds: the code ``run`` and every arm of ``sweep`` share.
+
+An arm is calibrated to its budget (if it has one), sampled on the run's seeds, decoded, scored by the
+evaluator and summarized in one record: quality (with paired differences to a reference arm when given),
+costs and wall clock. Every arm of a process runs after the same warm-up, so their wall clocks compare.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from adasched.analysis.evaluation import (
+    SampleScores,
+    evaluate_samples,
+    load_evaluator,
+    sample_nll,
+)
+from adasched.analysis.plots import plot_schedule
+from adasched.data.tokenizer import load_tokenizer
+from adasched.errors import ConfigError
+from adasched.io import write_text_atomic
+from adasched.models.dit import MDLMDenoiser
+from adasched.models.family import load_family
+from adasched.parallel import generate_data_parallel, score_data_parallel
+from adasched.sampling.calibration import (
+    Calibratable,
+    Calibration,
+    calibrate,
+    check_disjoint_seeds,
+)
+from adasched.sampling.costs import CostMeter
+from adasched.sampling.generation import Generation, generate, validation_prompts
+from adasched.sampling.policy import Policy
+from adasched.sampling.spec import SamplingSpec
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={name!r} but no GPU is visible; use device=cpu or device=auto")
+    return torch.device(name)
+
+
+def sampling_spec(cfg: DictConfig) -> SamplingSpec:
+    """The ``sampling`` config group as a checked ``SamplingSpec`` (fails before any model loads)."""
+    sampling = cfg.sampling
+    return SamplingSpec(num_steps=sampling.num_steps, seq_len=sampling.seq_len, batch_size=sampling.batch_size, top_p=sampling.top_p)
+
+
+def evaluation_seeds(cfg: DictConfig) -> torch.Tensor:
+    """Sample i of a run has seed ``cfg.seed + i`` under every policy (common random numbers)."""
+    if not isinstance(cfg.sampling.num_samples, int) or cfg.sampling.num_samples <= 0:
+        raise ConfigError(f"sampling.num_samples={cfg.sampling.num_samples!r} is invalid; it must be a positive integer")
+    return cfg.seed + torch.arange(cfg.sampling.num_samples)
+
+
+@dataclass
+class ArmSetting:
+    """What every arm of a run or a sweep shares: the family, the evaluator, the seeds and how to sample."""
+
+    cfg: DictConfig
+    names: list[str]
+    models: list[MDLMDenoiser]
+    tokenizer: Any
+    evaluator: Any
+    evaluator_tokenizer: Any
+    spec: SamplingSpec
+    seeds: torch.Tensor
+    prompts: torch.Tensor | None
+    trainer: L.Trainer | None = None  # data-parallel sampling and scoring; None: this process only
+
+    @property
+    def depths(self) -> list[int]:
+        return [m.config.n_blocks for m in self.models]
+
+
+def prompts_for(cfg: DictConfig, tokenizer: Any, seeds: torch.Tensor) -> torch.Tensor | None:
+    """Prefix mode: the first ``prefix_len`` tokens of held-out validation blocks, chosen by sample seed."""
+    if cfg.sampling.prefix_len <= 0:
+        return None
+    datamodule = instantiate(cfg.data.module, corpus=instantiate(cfg.data.corpus), tokenizer=tokenizer)
+    datamodule.setup()
+    blocks = datamodule.blocks["validation"]["input_ids"][:]
+    return validation_prompts(torch.as_tensor(blocks), seeds, cfg.sampling.prefix_len)
+
+
+@torch.inference_mode()
+def warm_up(models: list[MDLMDenoiser], spec: SamplingSpec) -> None:
+    """One untimed forward of every model at the run's batch shape, so no arm pays for first-call setup."""
+    for model in models:
+        device = next(model.parameters()).device
+        z = torch.full((spec.batch_size, spec.seq_len), model.config.mask_token_id, device=device)
+        model.project(model.hidden_states(z, torch.ones(spec.batch_size, device=device))[:, :1])
+
+
+def load_setting(cfg: DictConfig, trainer: L.Trainer | None = None) -> ArmSetting:
+    """Load the family, tokenizer, evaluator and prompts once; warm the models up."""
+    spec, seeds = sampling_spec(cfg), evaluation_seeds(cfg)
+    device = resolve_device(cfg.device)
+    names = list(cfg.family.members)
+    models = [model.to(device) for model in load_family({name: Path(cfg.family.dir) / name for name in names}).values()]
+    tokenizer = load_tokenizer(cfg.family.tokenizer)
+    prompts = prompts_for(cfg, tokenizer, seeds)
+    spec.check(models, prompts)
+    evaluator, evaluator_tokenizer = load_evaluator(cfg.eval.ppl_model, device, cfg.eval.tokenizer_path)
+    warm_up(models, spec)
+    return ArmSetting(cfg, names, models, tokenizer, evaluator, evaluator_tokenizer, spec, seeds, prompts, trainer)
+
+
+def calibrate_to_budget(setting: ArmSetting, label: str, policy: Policy) -> Calibration | None:
+    """Fit a calibratable policy's knob to its budget on the calibration seeds (none of the evaluation's)."""
+    cfg = setting.cfg
+    if not isinstance(policy, Calibratable) or policy.budget is None:
+        return None
+    check_disjoint_seeds(cfg.seed, cfg.sampling.num_samples, cfg.calibration.seed, cfg.calibration.num_samples)
+    print(f"calibrating {label} to save {policy.budget:.1%} of executed FLOPs on {cfg.calibration.num_samples} calibration samples")
+    seeds = cfg.calibration.seed + torch.arange(cfg.calibration.num_samples)
+    return calibrate(policy, setting.models, seeds, setting.spec, cfg.calibration.tolerance)
+
+
+def calibration_record(cfg: DictConfig, calibration: Calibration) -> dict[str, Any]:
+    """What a record keeps of a calibration: the knob found, its saving and every try, on which seeds."""
+    return {
+        "knob": calibration.knob, "saved_executed": calibration.saved_executed, "target": calibration.target,
+        "seed": cfg.calibration.seed, "num_samples": cfg.calibration.num_samples, "tries": calibration.history,
+    }
+
+
+def decode(tokenizer: Any, generation: Generation) -> tuple[list[str], list[list[int]]]:
+    """Texts of the generated part of every sample (the prompt, if any, is left out) and its token ids."""
+    ids = generation.tokens[:, generation.prefix_len :].tolist()
+    return [tokenizer.decode(row, skip_special_tokens=True) for row in ids], ids
+
+
+def score(setting: ArmSetting, texts: list[str]) -> SampleScores:
+    """The evaluator's per-sample NLL of ``texts``, in one process or spread over the trainer's."""
+    if setting.trainer is None:
+        return sample_nll(texts, setting.evaluator, setting.evaluator_tokenizer, setting.cfg.eval.batch_size, None, setting.evaluator.device)
+    return score_data_parallel(setting.trainer, texts, setting.evaluator, setting.evaluator_tokenizer, setting.cfg.eval.batch_size)
+
+
+def write_samples(path: Path, generation: Generation, texts: list[str], nll: list[float], tokenizer: Any) -> None:
+    """samples.jsonl: one line per sample with its seed (rerun it alone with the same seed), atomically."""
+    lines = []
+    for i, (seed, text) in enumerate(zip(generation.seeds.tolist(), texts)):
+        row = {"seed": seed, "text": text, "nll": nll[i]}
+        if generation.prefix_len:
+            row["prompt"] = tokenizer.decode(generation.tokens[i, : generation.prefix_len].tolist())
+        lines.append(json.dumps(row, ensure_ascii=False) + "\n")
+    write_text_atomic(path, "".join(lines))
+
+
+@dataclass
+class ArmOutcome:
+    record: dict[str, Any]  # label, policy, seeds, quality (per-sample nll included), costs, wall clock, calibration
+    generation: Generation
+    texts: list[str]
+
+
+def evaluate_arm(
+    setting: ArmSetting, label: str, policy: Policy, reference_nll: torch.Tensor | None = None,
+    samples_path: Path | None = None, schedule_path: Path | None = None,
+) -> ArmOutcome:
+    """Calibrate, sample, score and summarize one arm; writes its samples and schedule figure where asked."""
+    calibration = calibrate_to_budget(setting, label, policy)
+    meter = CostMeter(setting.names, setting.depths)
+    if setting.trainer is None:
+        generation = generate(setting.models, policy, setting.seeds, setting.spec, meter, prompts=setting.prompts)
+    else:
+        generation = generate_data_parallel(setting.trainer, setting.models, policy, setting.seeds, setting.spec, meter, prompts=setting.prompts)
+    texts, ids = decode(setting.tokenizer, generation)
+    quality = evaluate_samples(score(setting, texts), ids, reference_nll)
+    record: dict[str, Any] = {
+        "label": label, "policy": policy.name, "seeds": generation.seeds.tolist(), **quality, **meter.summary(),
+        "wall_s": {"sampling": generation.wall_s},
+    }
+    if calibration is not None:
+        record["calibration"] = calibration_record(setting.cfg, calibration)
+    if samples_path is not None:
+        write_samples(samples_path, generation, texts, quality["nll"], setting.tokenizer)
+    if schedule_path is not None:
+        shown = min(32, generation.actions.shape[1])
+        plot_schedule(generation.actions, setting.names, f"{label}: model per step ({shown} of {generation.actions.shape[1]} samples)", schedule_path)
+    return ArmOutcome(record, generation, texts)

@@ -1,0 +1,1 @@
+"""Reinforcement learning of routers: the gymnasium environments over the real sampler."""

@@ -1,0 +1,132 @@
+"""The Policy interface: the sampler owns the loop, the math and the costs; a policy only decides.
+
+Whenever rows are about to reveal positions, the sampler builds a ``DenoiseState`` of those rows and asks
+``policy.act(state)`` for one model index per row (index 0 is the family's reference, all-heavy model).
+Rows may stand at different steps: the event-driven sampler moves every row straight to its own next
+reveal, so ``step`` and ``t`` are per row. After the forwards the sampler calls ``policy.observe``.
+
+A registered policy is a pure function of the state (history it needs travels in the state: the row's
+last model, last entropy, mask fraction at its previous forward, FLOPs so far). That is what lets two
+samplers that visit different steps, or batch rows differently, reach the same decisions and tokens.
+A policy lists the extra features it needs in ``features``; the sampler computes only those (and counts
+their cost, where they need a forward).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import ClassVar, TypeVar
+
+import torch
+
+from adasched.errors import ConfigError
+
+ENTROPY = "entropy"  # mean predictive entropy (nats) over the positions a row revealed at its last forward
+# Entropy of ``probe_model``'s prediction at the positions revealing *now*, in ``state.extras``: the probe
+# forward is run (and charged) before ``act``; rows that then choose the probe model reuse it for free.
+PROBE_ENTROPY = "probe_entropy"
+KNOWN_FEATURES = frozenset({ENTROPY, PROBE_ENTROPY})
+
+
+@dataclass
+class DenoiseState:
+    """What a policy may look at before choosing each row's model for its step t -> t - 1/num_steps."""
+
+    num_steps: int
+    step: torch.Tensor  # (B,) int64, 0-based; step 0 goes from t = 1 (all masked) to t = 1 - 1/num_steps
+    t: torch.Tensor  # (B,) float64 noise level at the start of the row's step
+    mask_fraction: torch.Tensor  # (B,) fraction of generated positions still masked at t
+    previous_mask_fraction: torch.Tensor  # (B,) the mask fraction at the row's previous forward (1 before any)
+    reveal_count: torch.Tensor  # (B,) positions that reveal at this step (drawn before any model runs)
+    flops: torch.Tensor  # (B,) float64 FLOPs the row's forwards (probes included) have executed so far
+    all_heavy_flops: torch.Tensor  # (B,) float64 what model 0 would have executed for the same forwards
+    model_flops: tuple[float, ...]  # FLOPs of one full forward (length L, all positions projected) per model
+    last_action: torch.Tensor  # (B,) model of the row's previous forward, -1 before the first
+    last_entropy: torch.Tensor  # (B,) see ENTROPY; NaN until the row has run a model, or when not requested
+    seeds: torch.Tensor  # (B,) sample seeds (common random numbers across policies)
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # features other policies declare
+
+    @property
+    def batch_size(self) -> int:
+        return self.mask_fraction.shape[0]
+
+    @property
+    def s(self) -> torch.Tensor:
+        """(B,) noise level at the end of the row's step."""
+        return self.t - 1.0 / self.num_steps
+
+
+@dataclass
+class StepOutput:
+    """What one step produced, for ``observe``."""
+
+    revealed: torch.Tensor  # (B,) positions revealed
+    entropy: torch.Tensor  # (B,) mean entropy over revealed positions (NaN where none, or not requested)
+    flops: torch.Tensor  # (B,) float64 FLOPs the row's forwards of this step executed (probe included)
+    all_heavy_flops: torch.Tensor  # (B,) float64 what model 0 would have executed for the row's step
+
+
+class Policy(ABC):
+    """Chooses a model per row. Subclasses implement ``act``; ``reset`` starts a run."""
+
+    name: ClassVar[str]
+    features: ClassVar[frozenset[str]] = frozenset()
+    budget: float | None = None  # target fraction of FLOPs saved; policies without one leave it None
+    probe_model: int | None = None  # the model a PROBE_ENTROPY policy has the sampler run before it decides
+
+    def reset(self, num_steps: int, num_models: int) -> None:
+        """Start a run of ``num_steps`` steps over a family of ``num_models``; check the policy fits it."""
+        self.num_steps = num_steps
+        self.num_models = num_models
+
+    @abstractmethod
+    def act(self, state: DenoiseState) -> torch.Tensor:
+        """(B,) int64 model indices in [0, num_models)."""
+
+    def observe(self, state: DenoiseState, action: torch.Tensor, output: StepOutput) -> None:
+        """See what the step produced; the registered policies ignore it (they are functions of the state)."""
+
+
+def check_budget(budget: float) -> None:
+    """A budget is the fraction of executed FLOPs to save against all-heavy: strictly between 0 and 1."""
+    if not 0.0 < budget < 1.0:
+        raise ConfigError(f"budget={budget} is invalid; it must lie in (0, 1) (the fraction of FLOPs to save)")
+
+
+def check_model_index(policy: Policy, model: int, num_models: int) -> None:
+    """One-line error for a policy configured with a model the family does not have."""
+    if model >= num_models:
+        raise ConfigError(f"policy {policy.name} uses model {model} but the family has {num_models}")
+
+
+PolicyType = TypeVar("PolicyType", bound=type[Policy])
+_REGISTRY: dict[str, type[Policy]] = {}
+
+
+def register_policy(name: str) -> Callable[[PolicyType], PolicyType]:
+    """Class decorator: make a policy constructible by name (and listable in errors)."""
+
+    def decorate(cls: PolicyType) -> PolicyType:
+        if name in _REGISTRY:
+            raise ValueError(f"policy {name!r} is registered twice")
+        unknown = cls.features - KNOWN_FEATURES
+        if unknown:
+            raise ValueError(f"policy {name!r} declares unknown features {sorted(unknown)}")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorate
+
+
+def registered_policies() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def make_policy(name: str, **kwargs: object) -> Policy:
+    """Construct a registered policy; an unknown name lists the registered ones."""
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown policy {name!r}; registered: {', '.join(registered_policies())}")
+    return _REGISTRY[name](**kwargs)

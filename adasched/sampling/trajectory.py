@@ -1,0 +1,463 @@
+"""adasched's sampler: MDLM's ancestral sampler (no remasking), exact in distribution, driven by reveal events.
+
+At step t -> s every still-masked position reveals with probability (t - s) / t = 1 / (num_steps - step),
+and a revealed position takes a token from the denoiser's p(x0 | z_t). Which positions reveal does not
+depend on any model, so the step at which every position of a sample reveals is drawn before any model
+runs (``reveal_steps``). A sample's tokens change only at those steps: between them z_t is constant and no
+model needs to run. The event-driven sampler therefore moves every row straight to its own next reveal
+step, asks the policy about all of them at once, and runs each chosen model on all its rows in one forward,
+projecting only the revealed positions. A row that finishes hands its slot to the next sample (continuous
+batching), so every forward covers ``batch_size`` rows while samples remain.
+
+All randomness comes from ``adasched.sampling.random_streams``, keyed by (sample seed, step, position), so the
+reference sampler (``adasched.sampling.reference``), which steps all rows through every step as MDLM does,
+produces the same tokens from the same seeds.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from adasched.errors import ConfigError
+from adasched.models.dit import MDLMDenoiser
+from adasched.sampling.costs import CostMeter
+from adasched.sampling.policy import (
+    ENTROPY,
+    PROBE_ENTROPY,
+    DenoiseState,
+    Policy,
+    StepOutput,
+)
+from adasched.sampling.random_streams import REVEAL, TOKEN, uniform_grid, uniforms_at
+from adasched.sampling.spec import SamplingSpec
+
+GRID_ELEMENTS = 1 << 22  # uniforms drawn at once by ``reveal_steps``: bounds its memory (32 MiB)
+
+
+@dataclass
+class SampleOutput:
+    seeds: torch.Tensor  # (N,) the samples' seeds, in the order they were given
+    tokens: torch.Tensor  # (N, L) generated sequences (prompt included)
+    reveal_step: torch.Tensor  # (N, L) step at which each position revealed; -1 for prompt positions
+    actions: torch.Tensor  # (num_steps, N) model chosen for each sample at each step; -1 where it revealed nothing
+
+
+def reveal_steps(seeds: torch.Tensor, num_steps: int, seq_len: int, prefix_len: int = 0) -> torch.Tensor:
+    """(N, L) the step at which each position of each sample reveals (-1 for the prompt's positions).
+
+    A masked position reveals at step k when its REVEAL uniform for k is below 1 / (num_steps - k), the
+    same test the reference sampler makes step by step; the last step's threshold is 1, so all reveal.
+    """
+    device = seeds.device
+    generated = torch.arange(prefix_len, seq_len, device=device)
+    thresholds = 1.0 / (num_steps - torch.arange(num_steps, device=device, dtype=torch.float64))
+    first = torch.full((len(seeds), len(generated)), num_steps - 1, dtype=torch.int64, device=device)
+    found = torch.zeros_like(first, dtype=torch.bool)
+    chunk = max(1, GRID_ELEMENTS // max(1, len(seeds) * len(generated)))
+    for start in range(0, num_steps, chunk):
+        steps = torch.arange(start, min(start + chunk, num_steps), device=device)
+        hit = uniform_grid(seeds, steps, generated, REVEAL) < thresholds[steps][None, :, None]
+        new = hit.any(1) & ~found
+        first = torch.where(new, start + hit.int().argmax(1), first)
+        found |= new
+    plan = torch.full((len(seeds), seq_len), -1, dtype=torch.int64, device=device)
+    plan[:, prefix_len:] = first
+    return plan
+
+
+def sample_categorical(logits: torch.Tensor, u: torch.Tensor, top_p: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse-CDF draws in float64 from softmax(logits) (N, V) with uniforms ``u`` (N,); also returns probs.
+
+    Float64 matters: float32 Gumbel-max sampling truncates the tail and lowers perplexity and diversity.
+    With ``top_p < 1`` only the smallest set of tokens holding ``top_p`` of the mass is kept (nucleus).
+    """
+    probs = torch.softmax(logits.double(), dim=-1)
+    kept = probs
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p  # mass before this token already enough
+        kept = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
+    cdf = kept.cumsum(dim=-1)
+    draws = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
+    return draws.clamp_(max=logits.shape[-1] - 1), probs
+
+
+def mean_entropy_per_row(probs: torch.Tensor, rows: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """Mean predictive entropy of each row's positions; ``rows`` (N,) names the row of each of the N positions."""
+    entropy = torch.special.entr(probs).sum(-1)
+    total = torch.zeros(num_rows, dtype=torch.float64, device=probs.device).index_add_(0, rows, entropy)
+    count = torch.zeros(num_rows, dtype=torch.float64, device=probs.device).index_add_(0, rows, torch.ones_like(entropy))
+    return total / count  # NaN where a row had no positions
+
+
+class Trajectory(ABC):
+    """Samples being denoised, stepped from outside: ``begin_step`` -> the policy decides -> ``advance``.
+
+    ``batch_size`` slots each hold one sample's tokens and the history its policy may read (last model,
+    last entropy, mask fraction at its previous forward, FLOPs so far at the event-driven sampler's prices
+    and all-heavy's for the same forwards). Those are updated only where a row reveals, identically in
+    every subclass, so every sampler shows the policy the same states. How the chosen models produce the
+    tokens, and which rows a step covers, is the subclass's. Stepping from outside the loop is what lets a
+    gymnasium environment drive the same sampler.
+    """
+
+    def __init__(
+        self,
+        models: Sequence[MDLMDenoiser],
+        seeds: torch.Tensor,
+        spec: SamplingSpec,
+        meter: CostMeter,
+        prompts: torch.Tensor | None = None,
+        features: frozenset[str] = frozenset(),
+        probe_model: int | None = None,
+    ) -> None:
+        spec.check(models, prompts)
+        if PROBE_ENTROPY in features and not (probe_model is not None and 0 <= probe_model < len(models)):
+            raise ConfigError(f"probe_model={probe_model!r} must name a family member in [0, {len(models)})")
+        self.models, self.spec, self.meter, self.features, self.probe_model = models, spec, meter, features, probe_model
+        self.device = next(models[0].parameters()).device
+        self.mask_id = models[0].config.mask_token_id
+        self.prefix_len = 0 if prompts is None else prompts.shape[1]
+        self.positions = torch.arange(spec.seq_len, device=self.device)
+        self.model_flops = tuple(float(m.flops_per_forward(spec.seq_len, spec.seq_len)) for m in models)
+        trunk = [m.flops_per_forward(spec.seq_len, 0) for m in models]
+        self.trunk_flops = torch.tensor(trunk, dtype=torch.float64, device=self.device)
+        self.projection_flops = torch.tensor([m.flops_per_forward(spec.seq_len, 1) - f for m, f in zip(models, trunk)], dtype=torch.float64, device=self.device)
+        # the samples: given up front or enqueued later (an environment's next episodes)
+        self.seeds = torch.zeros(0, dtype=torch.int64, device=self.device)
+        self.prompts = None if prompts is None else torch.zeros(0, self.prefix_len, dtype=torch.int64, device=self.device)
+        self.tokens_out = torch.zeros(0, spec.seq_len, dtype=torch.int64, device=self.device)
+        self.plan = torch.zeros(0, spec.seq_len, dtype=torch.int64, device=self.device)
+        self.actions_out = torch.zeros(spec.num_steps, 0, dtype=torch.int64, device=self.device)
+        self.num_finished = 0
+        # the slots: one row each
+        slots = spec.batch_size
+        self.sample_of = torch.full((slots,), -1, dtype=torch.int64, device=self.device)  # -1: empty
+        self.tokens = torch.full((slots, spec.seq_len), self.mask_id, dtype=torch.int64, device=self.device)
+        self.row_plan = torch.zeros(slots, spec.seq_len, dtype=torch.int64, device=self.device)
+        self.row_seeds = torch.zeros(slots, dtype=torch.int64, device=self.device)
+        self.last_action = torch.full((slots,), -1, dtype=torch.int64, device=self.device)
+        self.last_entropy = torch.full((slots,), float("nan"), dtype=torch.float64, device=self.device)
+        self.previous_mask = torch.ones(slots, dtype=torch.float64, device=self.device)
+        self.row_flops = torch.zeros(slots, dtype=torch.float64, device=self.device)
+        self.row_all_heavy = torch.zeros(slots, dtype=torch.float64, device=self.device)
+        self._decision: tuple[torch.Tensor, torch.Tensor, torch.Tensor, DenoiseState] | None = None
+        self.enqueue(seeds, prompts)
+
+    # -- samples -------------------------------------------------------------------------------------
+
+    def enqueue(self, seeds: torch.Tensor, prompts: torch.Tensor | None = None) -> None:
+        """Add samples (one per seed) to be denoised after those already given."""
+        seeds = seeds.to(self.device, torch.int64)
+        if (prompts is None) != (self.prompts is None):
+            raise ConfigError("either every sample of a trajectory has a prompt or none has")
+        self.seeds = torch.cat([self.seeds, seeds])
+        if prompts is not None:
+            self.prompts = torch.cat([self.prompts, prompts.to(self.device, torch.int64)])
+        self.plan = torch.cat([self.plan, reveal_steps(seeds, self.spec.num_steps, self.spec.seq_len, self.prefix_len)])
+        self.tokens_out = torch.cat([self.tokens_out, torch.full((len(seeds), self.spec.seq_len), self.mask_id, device=self.device)])
+        self.actions_out = torch.cat([self.actions_out, torch.full((self.spec.num_steps, len(seeds)), -1, device=self.device)], dim=1)
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.seeds)
+
+    def load(self, slots: torch.Tensor, samples: torch.Tensor) -> None:
+        """Start ``samples`` in ``slots``: fully masked after their prompt, with no history."""
+        self.sample_of[slots] = samples
+        self.row_seeds[slots] = self.seeds[samples]
+        self.row_plan[slots] = self.plan[samples]
+        tokens = torch.full((len(slots), self.spec.seq_len), self.mask_id, dtype=torch.int64, device=self.device)
+        if self.prompts is not None:
+            tokens[:, : self.prefix_len] = self.prompts[samples]
+        self.tokens[slots] = tokens
+        self.last_action[slots] = -1
+        self.last_entropy[slots] = float("nan")
+        self.previous_mask[slots] = 1.0
+        self.row_flops[slots] = 0.0
+        self.row_all_heavy[slots] = 0.0
+
+    def unload(self, slots: torch.Tensor) -> None:
+        """Keep the finished samples of ``slots`` and empty the slots."""
+        self.tokens_out[self.sample_of[slots]] = self.tokens[slots]
+        self.sample_of[slots] = -1
+
+    # -- one step ------------------------------------------------------------------------------------
+
+    @property
+    @abstractmethod
+    def done(self) -> bool:
+        """No row is left to denoise."""
+
+    @property
+    @abstractmethod
+    def total_steps(self) -> int:
+        """How many ``begin_step``/``advance`` rounds the samples given so far take (for progress bars)."""
+
+    def current_tokens(self) -> torch.Tensor:
+        """(R, L) z_t of the rows of the step ``begin_step`` opened."""
+        if self._decision is None:
+            raise RuntimeError("current_tokens() needs begin_step() first")
+        return self.tokens[self._decision[0]]
+
+    @abstractmethod
+    def next_rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The rows of the next step: (slots (R,), their steps (R,), the positions they reveal (R, L))."""
+
+    def begin_step(self) -> DenoiseState:
+        """Pick the next step's rows, compute the features the policy asked for, and return their state."""
+        if self.done:
+            raise RuntimeError("the trajectory has no rows left to denoise")
+        slots, steps, reveal = self.next_rows()
+        generated = self.spec.seq_len - self.prefix_len
+        t = 1.0 - steps.double() / self.spec.num_steps
+        state = DenoiseState(
+            num_steps=self.spec.num_steps, step=steps, t=t,
+            mask_fraction=(self.tokens[slots] == self.mask_id).sum(1).double() / generated,
+            previous_mask_fraction=self.previous_mask[slots], reveal_count=reveal.sum(1),
+            flops=self.row_flops[slots], all_heavy_flops=self.row_all_heavy[slots], model_flops=self.model_flops,
+            last_action=self.last_action[slots], last_entropy=self.last_entropy[slots], seeds=self.row_seeds[slots],
+        )
+        probe_flops = torch.zeros(len(slots), dtype=torch.float64, device=self.device)
+        if PROBE_ENTROPY in self.features:
+            state.extras[PROBE_ENTROPY] = self.probe(slots, steps, reveal)
+            probe_flops = self.note_forward(slots, self.probe_model, state.reveal_count, probe=True)[0]
+        self._decision = (slots, steps, reveal, state, probe_flops)
+        return state
+
+    def advance(self, action: torch.Tensor) -> StepOutput:
+        """Run every row's chosen model (``action``, one index per row of the state) and write its tokens."""
+        if self._decision is None:
+            raise RuntimeError("advance() needs begin_step() first")
+        slots, steps, reveal, state, probe_flops = self._decision
+        action = action.to(self.device)
+        if action.shape != (len(slots),) or int(action.min()) < 0 or int(action.max()) >= len(self.models):
+            raise ValueError(f"action must hold {len(slots)} model indices in [0, {len(self.models)}), got {action.tolist()}")
+        decided = state.reveal_count > 0  # rows that reveal: every row of the event sampler, some of the reference's
+        self.meter.record_decisions(action[decided])
+        self.actions_out[steps[decided], self.sample_of[slots[decided]]] = action[decided]
+        entropy = self.denoise(slots, steps, reveal, action)
+        flops, all_heavy = self.note_forward(slots, action, state.reveal_count)
+        self.last_action[slots] = torch.where(decided, action, self.last_action[slots])
+        self.last_entropy[slots] = torch.where(decided, entropy, self.last_entropy[slots])
+        self.previous_mask[slots] = torch.where(decided, state.mask_fraction, self.previous_mask[slots])
+        self._decision = None
+        self.after_step(slots)
+        return StepOutput(state.reveal_count, entropy, flops + probe_flops, all_heavy)
+
+    def note_forward(self, slots: torch.Tensor, model: torch.Tensor | int, revealed: torch.Tensor, probe: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add the rows' forwards to their policy-visible costs, at the event-driven sampler's prices.
+
+        Only rows that reveal pay: the trunk plus a projection per revealed position. The all-heavy
+        figure grows with decisions only (a probe is extra work that all-heavy would not have done).
+        Returns the (R,) FLOPs added and the all-heavy FLOPs added.
+        """
+        pays = revealed > 0
+        flops = torch.where(pays, self.trunk_flops[model] + self.projection_flops[model] * revealed, 0.0)
+        all_heavy = torch.zeros_like(flops) if probe else torch.where(pays, self.trunk_flops[0] + self.projection_flops[0] * revealed, 0.0)
+        self.row_flops[slots] += flops
+        self.row_all_heavy[slots] += all_heavy
+        return flops, all_heavy
+
+    def forward(self, model_index: int, slots: torch.Tensor, t: torch.Tensor, positions: torch.Tensor, probe: bool = False) -> torch.Tensor:
+        """Logits of model ``model_index`` for ``slots`` at the (len(slots), L) ``positions``, charged.
+
+        A ``probe`` forward is charged to the model but not to the all-heavy baseline: all-heavy would not
+        have probed, so the probe's cost shows up as FLOPs not saved.
+        """
+        model = self.models[model_index]
+        with self.meter.timed(model_index, self.device):
+            logits = model.project(model.hidden_states(self.tokens[slots], t)[positions])
+        projected = positions.sum()
+        self.meter.add_forward(model_index, len(slots), self.trunk_flops[model_index] * len(slots) + self.projection_flops[model_index] * projected)
+        if not probe:
+            self.charge_baseline(len(slots), projected)
+        return logits
+
+    def charge_baseline(self, rows: int, projected: torch.Tensor) -> None:
+        """What model 0 would have executed for ``rows`` rows projecting ``projected`` positions in all."""
+        self.meter.add_baseline(self.trunk_flops[0] * rows + self.projection_flops[0] * projected)
+
+    def draw(self, logits: torch.Tensor, slots: torch.Tensor, steps: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Sample tokens at ``positions`` (row-major, as ``logits``) and write them, or only the ``keep`` ones
+        of them (MDLM draws at every masked position and keeps the revealing ones); per-row mean entropy."""
+        rows, columns = positions.nonzero(as_tuple=True)
+        u = uniforms_at(self.row_seeds[slots][rows], steps[rows], columns, TOKEN)
+        drawn, probs = sample_categorical(logits, u, self.spec.top_p)
+        if keep is not None:
+            rows, columns, drawn, probs = rows[keep], columns[keep], drawn[keep], probs[keep]
+        self.tokens[slots[rows], columns] = drawn
+        if ENTROPY not in self.features:
+            return torch.full((len(slots),), float("nan"), dtype=torch.float64, device=self.device)
+        return mean_entropy_per_row(probs, rows, len(slots))
+
+    def probe_revealed(self, slots: torch.Tensor, steps: torch.Tensor, reveal: torch.Tensor) -> torch.Tensor:
+        """``probe`` projecting only the revealing positions; keeps the logits for rows that stay on the probe model."""
+        t = 1.0 - steps.double() / self.spec.num_steps
+        logits = self.forward(self.probe_model, slots, t, reveal, probe=True)
+        rows = reveal.nonzero(as_tuple=True)[0]
+        self._probe_logits = logits
+        return mean_entropy_per_row(torch.softmax(logits.double(), -1), rows, len(slots))
+
+    def denoise_revealed(self, slots: torch.Tensor, steps: torch.Tensor, reveal: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        """``denoise`` with one forward per chosen model over its rows, projecting only the revealing positions."""
+        entropy = torch.full((len(slots),), float("nan"), dtype=torch.float64, device=self.device)
+        t = 1.0 - steps.double() / self.spec.num_steps
+        counts = torch.bincount(action, minlength=len(self.models)).tolist()  # the step's one synchronization
+        for model_index, count in enumerate(counts):
+            if not count:
+                continue
+            rows = (action == model_index).nonzero(as_tuple=True)[0]
+            group_reveal = reveal[rows]
+            if PROBE_ENTROPY in self.features and model_index == self.probe_model:
+                owner = reveal.nonzero(as_tuple=True)[0]
+                logits = self._probe_logits[(action == model_index)[owner]]  # the probe ran this model here: reuse it
+                self.charge_baseline(count, group_reveal.sum())
+            else:
+                logits = self.forward(model_index, slots[rows], t[rows], group_reveal)
+            entropy[rows] = self.draw(logits, slots[rows], steps[rows], group_reveal)
+        self._probe_logits = None
+        return entropy
+
+    @abstractmethod
+    def probe(self, slots: torch.Tensor, steps: torch.Tensor, reveal: torch.Tensor) -> torch.Tensor:
+        """(R,) mean entropy of the probe model's prediction at the positions revealing now (NaN where none)."""
+
+    @abstractmethod
+    def denoise(self, slots: torch.Tensor, steps: torch.Tensor, reveal: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        """Write the revealed tokens; returns (R,) mean entropy of the draws (NaN where none or not wanted)."""
+
+    def after_step(self, slots: torch.Tensor) -> None:
+        """Bookkeeping once a step's tokens are written (finishing rows, moving on)."""
+
+    def output(self) -> SampleOutput:
+        return SampleOutput(self.seeds, self.tokens_out, self.plan, self.actions_out)
+
+
+class EventTrajectory(Trajectory):
+    """adasched's sampler: every step moves each row to its own next reveal, one forward per chosen model.
+
+    Which rows finish when is known from the reveal plan, on the host, so the loop never waits for the
+    device to learn it, nor for costs (they stay on the device); what remains are the shapes of a step's
+    forwards (rows per model, positions to project), read once per model and step.
+    """
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        self.events_left: list[int] = []  # per slot: reveal steps still to come (0: empty)
+        self.queue: list[int] = []  # samples not started yet
+        self.event_counts: list[int] = []  # per sample: its number of distinct reveal steps
+        super().__init__(*args, **kwargs)
+        self.events_left = [0] * self.spec.batch_size
+        self.fill()
+
+    def enqueue(self, seeds: torch.Tensor, prompts: torch.Tensor | None = None) -> None:
+        first = self.num_samples
+        super().enqueue(seeds, prompts)
+        plan = self.plan[first:, self.prefix_len :].sort(dim=1).values
+        kept = plan < self.spec.last_step
+        counts = ((plan[:, 1:] != plan[:, :-1]) & kept[:, 1:]).sum(1) + kept[:, 0]
+        self.event_counts += counts.tolist()
+        self.queue += list(range(first, self.num_samples))
+        if self.events_left:
+            self.fill()
+
+    def fill(self) -> None:
+        """Start queued samples in the empty slots (a sample with nothing to reveal before the stop is done at once)."""
+        empty = [slot for slot, left in enumerate(self.events_left) if left == 0]
+        slots, samples = [], []
+        while empty and self.queue:
+            sample = self.queue.pop(0)
+            if self.event_counts[sample] == 0:
+                if self.prompts is not None:
+                    self.tokens_out[sample, : self.prefix_len] = self.prompts[sample]
+                continue
+            slot = empty.pop(0)
+            self.events_left[slot] = self.event_counts[sample]
+            slots.append(slot)
+            samples.append(sample)
+        if slots:
+            self.load(torch.tensor(slots, device=self.device), torch.tensor(samples, device=self.device))
+            self._busy = torch.tensor(self.busy_slots, device=self.device, dtype=torch.int64)
+
+    @property
+    def done(self) -> bool:
+        return not any(self.events_left) and not self.queue
+
+    @property
+    def total_steps(self) -> int:
+        """Rounds until the last sample finishes, from the event counts: slots refill in order as they free."""
+        free_at = [0] * self.spec.batch_size
+        for count in filter(None, self.event_counts):
+            slot = min(range(len(free_at)), key=lambda s: (free_at[s], s))
+            free_at[slot] += count
+        return max(free_at)
+
+    @property
+    def busy_slots(self) -> list[int]:
+        return [slot for slot, left in enumerate(self.events_left) if left]
+
+    def next_rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        slots = self._busy
+        plan, masked = self.row_plan[slots], self.tokens[slots] == self.mask_id
+        steps = torch.where(masked, plan, self.spec.num_steps).amin(1)
+        return slots, steps, masked & (plan == steps[:, None])
+
+    def probe(self, slots: torch.Tensor, steps: torch.Tensor, reveal: torch.Tensor) -> torch.Tensor:
+        return self.probe_revealed(slots, steps, reveal)
+
+    def denoise(self, slots: torch.Tensor, steps: torch.Tensor, reveal: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        return self.denoise_revealed(slots, steps, reveal, action)
+
+    def after_step(self, slots: torch.Tensor) -> None:
+        finished = []
+        for slot in self.busy_slots:
+            self.events_left[slot] -= 1
+            if not self.events_left[slot]:
+                finished.append(slot)
+        if finished:
+            self.unload(torch.tensor(finished, device=self.device))
+            self._busy = torch.tensor(self.busy_slots, device=self.device, dtype=torch.int64)
+            self.fill()
+
+
+def run_policy(
+    path: Trajectory, policy: Policy, on_step: Callable[[int], None] | None = None, on_start: Callable[[int], None] | None = None
+) -> SampleOutput:
+    """The sampling loop: the trajectory owns the math and the costs, the policy only decides.
+
+    ``on_start`` hears how many steps the loop will take, ``on_step`` each one (a progress bar's calls).
+    """
+    policy.reset(path.spec.num_steps, len(path.models))
+    if on_start is not None:
+        on_start(path.total_steps)
+    while not path.done:
+        state = path.begin_step()
+        action = policy.act(state)
+        policy.observe(state, action, path.advance(action))
+        if on_step is not None:
+            on_step(1)  # progress: the caller's bar advances one step
+    return path.output()
+
+
+@torch.inference_mode()
+def sample(
+    models: Sequence[MDLMDenoiser],
+    policy: Policy,
+    seeds: torch.Tensor,
+    spec: SamplingSpec,
+    meter: CostMeter,
+    prompts: torch.Tensor | None = None,
+    on_step: Callable[[int], None] | None = None,
+    on_start: Callable[[int], None] | None = None,
+    trajectory_type: type[Trajectory] = EventTrajectory,
+) -> SampleOutput:
+    """Generate one sequence per seed with ``policy`` choosing among ``models`` (0 = heavy).
+
+    ``trajectory_type`` picks how the models run; ``adasched.sampling.reference`` passes MDLM's way.
+    """
+    path = trajectory_type(models, seeds, spec, meter, prompts, policy.features, policy.probe_model)
+    return run_policy(path, policy, on_step, on_start)
