@@ -118,9 +118,10 @@ def generate_data_parallel(
         wall_per_rank[rank] += generation.wall_s
     position = module.in_index_order()
     tokens = torch.cat([generation.tokens for _, _, (generation, _) in module.gathered])[position]
+    reveal_step = torch.cat([generation.reveal_step for _, _, (generation, _) in module.gathered])[position]
     actions = torch.cat([generation.actions for _, _, (generation, _) in module.gathered], dim=1)[:, position]
     prefix_len = 0 if prompts is None else prompts.shape[1]
-    return Generation(seeds, tokens, actions, prefix_len, max(wall_per_rank))
+    return Generation(seeds, tokens, reveal_step, actions, prefix_len, max(wall_per_rank))
 
 
 def score_data_parallel(trainer: L.Trainer, texts: list[str], evaluator: nn.Module, tokenizer: Any, batch_size: int) -> SampleScores:

@@ -39,6 +39,10 @@ def test_run_writes_results_samples_and_schedule(tiny_family: Path, tmp_path: Pa
     assert 0.15 < saved["flops"]["saved_nominal"] < 0.35  # half the decisions light, in expectation, each saving 1/2
     assert 0 < saved["flops"]["saved_executed"] < 0.5
     assert "gen_ppl_paired_diff" in saved and saved["speedup_vs_all_heavy"] > 0  # baseline sampled in-run
+    kl = saved["path_kl"]
+    assert kl["per_sequence"]["mean"] > 0 and kl["per_sequence"]["ci95"] > 0 and kl["eval_flops"] > 0
+    assert kl["per_token"]["mean"] == pytest.approx(kl["per_sequence"]["mean"] / 16)
+    assert len(kl["per_step"]) == 20 and sum(kl["per_step"]) == pytest.approx(kl["per_sequence"]["mean"])
     samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
     assert [s["seed"] for s in samples] == list(range(6))
     assert (tmp_path / "schedule.png").stat().st_size > 1000
@@ -50,6 +54,8 @@ def test_policies_share_seeds_and_compare(tiny_family: Path, tmp_path: Path) -> 
         run(run_config(tiny_family, tmp_path / policy, f"policy={policy}", "eval.compare_to_heavy=false"))
     heavy, light = (json.loads((tmp_path / p / "results.json").read_text()) for p in ("static_heavy", "static_light"))
     assert heavy["flops"]["saved_executed"] == 0 and light["flops"]["saved_nominal"] == pytest.approx(0.5)
+    assert heavy["path_kl"]["per_sequence"] == {"mean": 0.0, "ci95": 0.0} and heavy["path_kl"]["eval_flops"] == 0
+    assert light["path_kl"]["per_sequence"]["mean"] > 0
     rows = table_rows(load_rows(find_results([tmp_path])))
     assert [row["label"] for row in rows] == ["static_heavy", "static_light"]
 

@@ -45,9 +45,11 @@ def test_every_arm_runs_at_every_budget_and_pairs_with_the_reference(tiny_family
         for arm in ARMS[2:]:
             row = by_label[f"{arm}@{budget}"]
             assert row["verdict"] in ("better", "worse", "tie") and row["diff_ci95"] > 0
+            assert row["path_kl_verdict"] in ("better", "worse", "tie") and row["path_kl"] >= 0
         for arm in ARMS[1:3]:  # (random tiny models give entropies too alike to calibrate the entropy routers)
             assert abs(by_label[f"{arm}@{budget}"]["saved_executed_%"] / 100 - budget) < 0.05  # held-out seeds
     assert by_label["static_heavy"]["saved_executed_%"] == 0 and by_label["static_heavy"]["verdict"] == ""
+    assert by_label["static_heavy"]["path_kl"] == 0.0
     assert len(list((tmp_path / "samples").glob("*.jsonl"))) == len(rows) == len(list((tmp_path / "schedules").glob("*.png")))
     assert (tmp_path / "quality_vs_compute.png").stat().st_size > 1000
 

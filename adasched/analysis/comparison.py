@@ -14,7 +14,7 @@ import torch
 from adasched.analysis.evaluation import paired_difference
 from adasched.errors import ConfigError
 
-COLUMNS = ("label", "gen_ppl", "ci95", "paired_diff", "entropy", "saved_nominal_%", "saved_executed_%", "wall_s", "speedup")
+COLUMNS = ("label", "gen_ppl", "ci95", "paired_diff", "path_kl", "path_kl_ci95", "entropy", "saved_nominal_%", "saved_executed_%", "wall_s", "speedup")
 
 
 def find_results(paths: Sequence[str | Path]) -> list[Path]:
@@ -48,6 +48,7 @@ def table_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             "gen_ppl": round(row["gen_ppl"]["mean"], 3),
             "ci95": round(row["gen_ppl"]["ci95"], 3),
             "paired_diff": round(row["gen_ppl_paired_diff"]["mean"], 3) if "gen_ppl_paired_diff" in row else "",
+            **path_kl_cells(row),
             "entropy": round(row["entropy"]["mean"], 4),
             "saved_nominal_%": round(100 * row["flops"]["saved_nominal"], 2),
             "saved_executed_%": round(100 * row["flops"]["saved_executed"], 2),
@@ -56,6 +57,14 @@ def table_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         }
         for row in rows
     ]
+
+
+def path_kl_cells(record: dict[str, Any]) -> dict[str, Any]:
+    """Mean path KL per sequence and its 95% half-width, blank for runs that did not measure it."""
+    if "path_kl" not in record:
+        return {"path_kl": "", "path_kl_ci95": ""}
+    value = record["path_kl"]["per_sequence"]
+    return {"path_kl": round(value["mean"], 4), "path_kl_ci95": round(value["ci95"], 4)}
 
 
 def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] = COLUMNS) -> str:
@@ -74,8 +83,9 @@ def to_csv(rows: Sequence[dict[str, Any]], columns: Sequence[str] = COLUMNS) -> 
 
 
 SWEEP_COLUMNS = (
-    "label", "budget", "gen_ppl", "ci95", "diff_vs_reference", "diff_ci95", "verdict", "entropy", "distinct_2",
-    "saved_executed_%", "saved_nominal_%", "knob", "wall_s", "speedup_vs_reference",
+    "label", "budget", "gen_ppl", "ci95", "diff_vs_reference", "diff_ci95", "verdict", "path_kl", "path_kl_ci95",
+    "path_kl_diff", "path_kl_diff_ci95", "path_kl_verdict", "entropy", "distinct_2", "saved_executed_%", "saved_nominal_%",
+    "knob", "wall_s", "speedup_vs_reference",
 )
 
 
@@ -88,7 +98,7 @@ def reference_for(record: dict[str, Any], records: Sequence[dict[str, Any]], ref
 
 
 def verdict(difference: float, half_width: float) -> str:
-    """Lower perplexity is better; a 95% interval of the paired difference that holds 0 decides nothing."""
+    """Lower is better (perplexity, path KL); a 95% interval of the paired difference that holds 0 decides nothing."""
     if difference + half_width < 0:
         return "better"
     if difference - half_width > 0:
@@ -106,6 +116,7 @@ def sweep_rows(records: Sequence[dict[str, Any]], reference: str | None) -> list
             "gen_ppl": round(record["gen_ppl"]["mean"], 2),
             "ci95": round(record["gen_ppl"]["ci95"], 2),
             "diff_vs_reference": "", "diff_ci95": "", "verdict": "",
+            **path_kl_cells(record), "path_kl_diff": "", "path_kl_diff_ci95": "", "path_kl_verdict": "",
             "entropy": round(record["entropy"]["mean"], 4),
             "distinct_2": round(record["distinct"]["2"], 4),
             "saved_executed_%": round(100 * record["flops"]["saved_executed"], 2),
@@ -125,5 +136,8 @@ def sweep_rows(records: Sequence[dict[str, Any]], reference: str | None) -> list
                 "diff_vs_reference": round(difference, 2), "diff_ci95": round(half_width, 2), "verdict": verdict(difference, half_width),
                 "speedup_vs_reference": round(baseline["wall_s"]["sampling"] / record["wall_s"]["sampling"], 3),
             }
+            if "path_kl_per_sample" in record and "path_kl_per_sample" in baseline:
+                difference, half_width = paired_difference(torch.tensor(record["path_kl_per_sample"]), torch.tensor(baseline["path_kl_per_sample"]))
+                row |= {"path_kl_diff": round(difference, 4), "path_kl_diff_ci95": round(half_width, 4), "path_kl_verdict": verdict(difference, half_width)}
         rows.append(row)
     return rows

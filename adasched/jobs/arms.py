@@ -21,8 +21,10 @@ from adasched.analysis.evaluation import (
     SampleScores,
     evaluate_samples,
     load_evaluator,
+    mean_ci95,
     sample_nll,
 )
+from adasched.analysis.path_kl import path_kl
 from adasched.analysis.plots import plot_schedule
 from adasched.data.tokenizer import load_tokenizer
 from adasched.errors import ConfigError
@@ -159,6 +161,22 @@ def write_samples(path: Path, generation: Generation, texts: list[str], nll: lis
     write_text_atomic(path, "".join(lines))
 
 
+def path_kl_record(setting: ArmSetting, generation: Generation) -> dict[str, Any]:
+    """Path KL to the all-heavy sampler: per sample (for paired differences), its mean and 95% interval per
+    sequence and per generated token, its split over steps, and the evaluation forwards' FLOPs."""
+    measured = path_kl(setting.models, generation.tokens, generation.reveal_step, generation.actions, setting.spec.top_p, setting.spec.batch_size)
+    per_sequence, per_token = mean_ci95(measured.per_sample), mean_ci95(measured.per_sample / measured.generated_tokens)
+    return {
+        "path_kl": {
+            "per_sequence": {"mean": per_sequence[0], "ci95": per_sequence[1]},
+            "per_token": {"mean": per_token[0], "ci95": per_token[1]},
+            "per_step": measured.per_step.div(len(measured.per_sample)).tolist(),  # mean over samples, nats
+            "eval_flops": measured.eval_flops,
+        },
+        "path_kl_per_sample": measured.per_sample.tolist(),
+    }
+
+
 @dataclass
 class ArmOutcome:
     record: dict[str, Any]  # label, policy, seeds, quality (per-sample nll included), costs, wall clock, calibration
@@ -183,6 +201,8 @@ def evaluate_arm(
         "label": label, "policy": policy.name, "seeds": generation.seeds.tolist(), **quality, **meter.summary(),
         "wall_s": {"sampling": generation.wall_s},
     }
+    if setting.cfg.eval.path_kl:
+        record |= path_kl_record(setting, generation)
     if calibration is not None:
         record["calibration"] = calibration_record(setting.cfg, calibration)
     if samples_path is not None:

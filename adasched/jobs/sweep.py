@@ -138,7 +138,7 @@ def run_arms(cfg: DictConfig, arms: list[Arm], log: ArmLog, start: int, total: i
         outcome = evaluate_arm(setting, arm.label, arm.policy, samples_path=log.folder / "samples" / f"{arm.label}.jsonl", schedule_path=schedule)
         record = {**outcome.record, "index": arm.index, "arm": arm.name, "budget": arm.budget, "policy_config": arm.config}
         log.append(record)
-        summary = {key: value for key, value in record.items() if key not in ("nll", "seeds")}
+        summary = {key: value for key, value in record.items() if key not in ("nll", "seeds", "path_kl_per_sample")}
         log_run(cfg, f"{cfg.experiment.name}__{arm.label}", summary, {"samples": samples_table(record["seeds"], record["nll"], outcome.texts)}, {"schedule": schedule})
 
 

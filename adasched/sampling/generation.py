@@ -27,7 +27,8 @@ Sampler = Callable[..., SampleOutput]
 class Generation:
     seeds: torch.Tensor  # (N,)
     tokens: torch.Tensor  # (N, L)
-    actions: torch.Tensor  # (num_steps, N)
+    reveal_step: torch.Tensor  # (N, L) step at which each position revealed; -1 for the prompt
+    actions: torch.Tensor  # (num_steps, N) model per step; -1 where the sample revealed nothing
     prefix_len: int
     wall_s: float  # sampling only (no evaluation)
 
@@ -61,4 +62,4 @@ def generate(
             torch.cuda.synchronize(device)
         wall = time.perf_counter() - clock
     prefix_len = 0 if prompts is None else prompts.shape[1]
-    return Generation(seeds, out.tokens.cpu(), out.actions.cpu(), prefix_len, wall)
+    return Generation(seeds, out.tokens.cpu(), out.reveal_step.cpu(), out.actions.cpu(), prefix_len, wall)

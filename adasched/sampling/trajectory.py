@@ -69,6 +69,15 @@ def reveal_steps(seeds: torch.Tensor, num_steps: int, seq_len: int, prefix_len: 
     return plan
 
 
+def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """``probs`` (N, V) with all but the smallest set of tokens holding ``top_p`` of the mass zeroed (not renormalized)."""
+    if top_p >= 1.0:
+        return probs
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p  # mass before this token already enough
+    return probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
+
+
 def sample_categorical(logits: torch.Tensor, u: torch.Tensor, top_p: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Inverse-CDF draws in float64 from softmax(logits) (N, V) with uniforms ``u`` (N,); also returns probs.
 
@@ -76,12 +85,7 @@ def sample_categorical(logits: torch.Tensor, u: torch.Tensor, top_p: float = 1.0
     With ``top_p < 1`` only the smallest set of tokens holding ``top_p`` of the mass is kept (nucleus).
     """
     probs = torch.softmax(logits.double(), dim=-1)
-    kept = probs
-    if top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p  # mass before this token already enough
-        kept = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
-    cdf = kept.cumsum(dim=-1)
+    cdf = nucleus(probs, top_p).cumsum(dim=-1)
     draws = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
     return draws.clamp_(max=logits.shape[-1] - 1), probs
 

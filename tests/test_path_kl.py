@@ -1,0 +1,101 @@
+"""Path KL: zero for all-heavy, the Monte-Carlo mean matches the exact trajectory KL, per-sample values check out."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from adasched.analysis.path_kl import categorical_kl, path_kl
+from adasched.sampling.spec import SamplingSpec
+from adasched.sampling.trajectory import sample
+from policies import make_policy
+from tests.helpers import family, meter
+
+VOCAB, STEPS = 6, 3  # 5 tokens and the mask
+
+
+def exact_trajectory_kl(models: list, plan: list[int]) -> float:
+    """KL(Q || P) for L = 2 by enumerating reveal steps and tokens, with the models' subs log-probabilities.
+
+    Each position reveals at a step uniform over the T steps, independently and alike under Q and P; the
+    tokens revealed at a step are drawn independently from the model of that step (Q) or the heavy one (P).
+    """
+    mask = models[0].config.mask_token_id
+    tokens = range(VOCAB - 1)
+
+    def probs(model_index: int, z: list[int]) -> torch.Tensor:
+        return models[model_index](torch.tensor([z]))[0].exp()  # (2, V)
+
+    total = 0.0
+    for k1, k2 in itertools.product(range(STEPS), repeat=2):
+        for x1, x2 in itertools.product(tokens, repeat=2):
+            q = p = 1.0
+            if k1 == k2:
+                for model, side in ((plan[k1], "q"), (0, "p")):
+                    both = probs(model, [mask, mask])
+                    value = float(both[0, x1] * both[1, x2])
+                    q, p = (value, p) if side == "q" else (q, value)
+            else:
+                first, second = (0, 1) if k1 < k2 else (1, 0)
+                x = (x1, x2)
+                for model_first, model_second, side in ((plan[min(k1, k2)], plan[max(k1, k2)], "q"), (0, 0, "p")):
+                    z = [mask, mask]
+                    value = float(probs(model_first, z)[first, x[first]])
+                    z[first] = x[first]
+                    value *= float(probs(model_second, z)[second, x[second]])
+                    q, p = (value, p) if side == "q" else (q, value)
+            if q > 0:
+                total += q * math.log(q / p) / STEPS**2
+    return total
+
+
+def test_all_heavy_has_exactly_zero_path_kl_and_costs_nothing() -> None:
+    models = family(vocab=VOCAB, seq_len=2)
+    out = sample(models, make_policy("static_heavy"), torch.arange(50), SamplingSpec(STEPS, 2, batch_size=50), meter(models))
+    measured = path_kl(models, out.tokens, out.reveal_step, out.actions)
+    assert measured.per_sample.eq(0).all() and measured.per_step.eq(0).all() and measured.eval_flops == 0
+
+
+def test_the_monte_carlo_mean_matches_the_exact_kl_by_enumeration() -> None:
+    models = family(vocab=VOCAB, seq_len=2)
+    policy = make_policy("static_segments", spec="L1,H1,L1")
+    with torch.no_grad():
+        exact = exact_trajectory_kl(models, policy.segments.plan(STEPS).tolist())
+    n = 4000
+    out = sample(models, policy, torch.arange(n), SamplingSpec(STEPS, 2, batch_size=500), meter(models))
+    values = path_kl(models, out.tokens, out.reveal_step, out.actions, batch_size=500).per_sample
+    mean, error = values.mean().item(), values.std().item() / math.sqrt(n)
+    assert exact > 0.05  # the light model really departs from the heavy one: a test with teeth
+    assert abs(mean - exact) < 3.5 * error, (mean, exact, error)
+
+
+def test_each_sample_sums_the_kl_of_its_own_light_steps() -> None:
+    """Recomputed independently: dense forwards of both models on z_t, the KL over the vocabulary at each revealed position."""
+    models = family(seq_len=16)
+    spec = SamplingSpec(20, 16, batch_size=4)
+    out = sample(models, make_policy("static_sandwich", light_fraction=0.5), torch.arange(6), spec, meter(models))
+    measured = path_kl(models, out.tokens, out.reveal_step, out.actions, batch_size=3)
+    mask = models[0].config.mask_token_id
+    with torch.no_grad():
+        for i in range(6):
+            expected = 0.0
+            for step in (out.actions[:, i] == 1).nonzero().squeeze(1).tolist():
+                z = torch.where(out.reveal_step[i] < step, out.tokens[i], mask)[None]
+                revealed = out.reveal_step[i] == step
+                t = torch.tensor([1 - step / 20], dtype=torch.float64)
+                log_q, log_p = models[1](z, t)[0, revealed], models[0](z, t)[0, revealed]
+                kept = torch.arange(log_q.shape[1]) != mask
+                expected += float((log_q[:, kept].exp() * (log_q[:, kept] - log_p[:, kept])).sum())
+            assert measured.per_sample[i].item() == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    assert measured.per_step.sum().item() == pytest.approx(measured.per_sample.sum().item())
+    assert measured.per_step[out.actions.max(1).values <= 0].eq(0).all()  # no light decision, no KL at that step
+
+
+def test_nucleus_kl_is_infinite_where_q_can_draw_what_p_cannot() -> None:
+    q = torch.log(torch.tensor([[0.6, 0.3, 0.1]]))
+    p = torch.log(torch.tensor([[0.1, 0.3, 0.6]]))
+    assert categorical_kl(q, q).item() == 0.0 and categorical_kl(q, p).item() > 0
+    assert categorical_kl(q, p, top_p=0.5).item() == math.inf  # q keeps token 0, p's nucleus drops it
