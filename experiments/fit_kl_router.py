@@ -1,7 +1,7 @@
 """Fit the supervised KL router on all-heavy rollouts:  python experiments/fit_kl_router.py
 
 Rolls out ``num_trajectories`` samples on seeds disjoint from evaluation and calibration, records the
-KL(heavy || light) every ``record_every``-th step, fits the router on most trajectories, reports its error
+path-KL increment of the light model at every ``record_every``-th step, fits the router on most trajectories, reports its error
 on the held-out ones and saves it to ``out_dir`` (where ``policy=kl_router`` reads it).
 """
 

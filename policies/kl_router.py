@@ -1,10 +1,12 @@
 """The supervised KL router: heavy where a small MLP predicts the light model would depart from it.
 
 The MLP maps a row's router features (``adasched.sampling.features``, those in ``INPUTS``) to log1p of the
-mean KL(heavy || light) over its masked positions, fitted by MSE on all-heavy rollouts
-(``experiments/fit_kl_router.py``); log1p tames the KL's heavy tail without hiding zeros. At each step a
-row runs the heavy model where the predicted KL exceeds ``threshold``, else the light one. The threshold is
-the calibration knob: raising it sends more rows to the light model, so the saving never drops.
+path-KL increment the light model would add at the row's step (KL(light || heavy) summed over the positions
+revealing then), fitted by MSE on all-heavy rollouts (``experiments/fit_kl_router.py``); log1p tames the
+KL's heavy tail without hiding zeros. A row runs the heavy model where the predicted increment exceeds
+``threshold``, else the light one: the myopic version of the learned router's goal (least path KL for the
+FLOPs). The threshold is the calibration knob: raising it sends more rows to the light model, so the saving
+never drops.
 """
 
 from __future__ import annotations
@@ -135,7 +137,7 @@ def load(directory: str | Path) -> tuple[KLRegressor, dict[str, Any]]:
 
 @register_policy("kl_router")
 class KLRouter(Policy):
-    """Per row and step: heavy where the predicted KL(heavy || light) > ``threshold``, else light.
+    """Per row and step: heavy where the predicted path-KL increment of the light model > ``threshold``, else light.
 
     ``threshold=None`` takes the router's suggested one (light on about a quarter of the training steps).
     With a ``budget`` the threshold is calibrated in (0, the largest predicted KL seen in training).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from stable_baselines3 import PPO
 from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
 from adasched.analysis.evaluation import load_evaluator
+from adasched.analysis.path_kl import path_kl
 from adasched.data.tokenizer import load_tokenizer
 from adasched.errors import ConfigError
 from adasched.jobs.train_router import train_router
@@ -36,11 +38,11 @@ from tests.helpers import compose_config, meter
 STEPS, SEQ_LEN = 10, 16
 
 
-def episode_config(root: Path, budget: float = 0.25, lam: float = 1.0, quality_weight: float = 1.0) -> EpisodeConfig:
+def episode_config(root: Path, budget: float = 0.25, lam: float = 1.0, quality_weight: float = 0.0) -> EpisodeConfig:
     models = list(load_family({name: root / name for name in ("heavy", "light")}).values())
     evaluator, evaluator_tokenizer = load_evaluator(str(root / "ar_evaluator"), "cpu", str(root / "tokenizer"))
     score = evaluator_scorer(evaluator, evaluator_tokenizer, load_tokenizer(root / "tokenizer"), 8, "cpu")
-    return EpisodeConfig(models, score, SamplingSpec(STEPS, SEQ_LEN), budget, LagrangeMultiplier(lam, 0.0, budget), quality_weight)
+    return EpisodeConfig(models, SamplingSpec(STEPS, SEQ_LEN), budget, LagrangeMultiplier(lam, 0.0, budget), score, quality_weight)
 
 
 def router_config(root: Path, run_dir: Path, *overrides: str):
@@ -63,32 +65,35 @@ def test_both_env_checkers_pass(tiny_family: Path) -> None:
     sb3_check_env(ModelScheduleEnv(episode_config(tiny_family)))
 
 
-def flops_rewards(config: EpisodeConfig, model: int, seed: int = 3) -> tuple[list[float], dict[str, float]]:
-    """Rewards of one episode choosing ``model`` always (quality term off), and its summary."""
+def episode(config: EpisodeConfig, model: int, seed: int = 3) -> tuple[list[float], dict[str, float], ModelScheduleEnv]:
+    """Rewards of one episode choosing ``model`` always, and its summary."""
     env = ModelScheduleEnv(config)
     env.reset(seed=seed)
     rewards, done, summary = [], False, {}
     while not done:
         _, reward, done, _, summary = env.step(model)
         rewards.append(reward)
-    return rewards, summary
+    return rewards, summary, env
 
 
-def test_all_heavy_costs_nothing_and_all_light_earns_the_saved_flops(tiny_family: Path) -> None:
-    config = episode_config(tiny_family, lam=2.0, quality_weight=0.0)
-    heavy, heavy_summary = flops_rewards(config, 0)
-    light, light_summary = flops_rewards(config, 1)
-    assert heavy == [0.0] * len(heavy) and heavy_summary["saved_executed"] == 0.0
+def test_the_reward_is_minus_the_path_kl_and_the_priced_compute(tiny_family: Path) -> None:
+    config = episode_config(tiny_family, lam=2.0)
+    heavy, heavy_summary, _ = episode(config, 0)
+    light, light_summary, env = episode(config, 1)
     assert len(light) == len(heavy) <= STEPS  # same seed: same reveal steps, whatever the models
-    heavy_model, light_model = config.models
-    trunk = [m.flops_per_forward(SEQ_LEN, 0) for m in config.models]
-    per_forward = 2.0 * (trunk[0] - trunk[1]) / heavy_model.flops_per_forward(SEQ_LEN, SEQ_LEN)  # same head: projections cancel
-    assert light == pytest.approx([per_forward] * len(light))
-    assert light_summary["saved_executed"] > 0
+    full = config.models[0].flops_per_forward(SEQ_LEN, SEQ_LEN)
+    assert heavy_summary["path_kl"] == 0.0 and heavy_summary["saved_executed"] == 0.0
+    assert sum(heavy) == pytest.approx(-2.0 * heavy_summary["executed_flops"] / full)
+    assert light_summary["path_kl"] > 0 and light_summary["saved_executed"] > 0
+    assert sum(light) == pytest.approx(-light_summary["path_kl"] - 2.0 * light_summary["executed_flops"] / full)
+    # the environment's path KL is the replay's of the same finished sample
+    path = env.rows.path
+    replayed = path_kl(config.models, path.tokens_out[:1], path.plan[:1], path.actions_out[:, :1])
+    assert light_summary["path_kl"] == pytest.approx(replayed.per_sample[0].item())
 
 
-def test_the_terminal_reward_is_the_evaluator_nll(tiny_family: Path) -> None:
-    rewards, summary = flops_rewards(episode_config(tiny_family, lam=0.0, quality_weight=0.5), 0)
+def test_the_optional_terminal_reward_is_the_evaluator_nll(tiny_family: Path) -> None:
+    rewards, summary, _ = episode(episode_config(tiny_family, lam=0.0, quality_weight=0.5), 0)
     assert rewards[:-1] == [0.0] * (len(rewards) - 1) and rewards[-1] == pytest.approx(-0.5 * summary["nll"])
 
 
@@ -118,6 +123,10 @@ def test_train_export_resume_and_the_policy_acts_like_the_router(tiny_family: Pa
     saved = json.loads((tmp_path / "router" / "router.json").read_text())
     assert saved["timesteps"] == info["timesteps"] >= 256 and saved["budget"] == 0.25 and len(saved["features"]) == 9
     assert train_router(router_config(tiny_family, tmp_path))["timesteps"] == info["timesteps"]  # resumed at the end
+    with (tmp_path / "router" / "training_curve.csv").open() as handle:
+        curve = list(csv.DictReader(handle))
+    assert len(curve) >= 2 and float(curve[-1]["timesteps"]) <= info["timesteps"] and (tmp_path / "router" / "training_curve.png").is_file()
+    assert all(0 <= float(row["path_kl"]) and float(row["lambda"]) >= 0 for row in curve)
 
     policy = make_policy("learned_router", path=str(tmp_path / "router"))
     router = PPO.load(tmp_path / "router" / "router.zip", device="cpu")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -79,4 +80,20 @@ def plot_learning_curves(curves: dict[str, Sequence], path: Path, title: str) ->
     axis.set_title(title)
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
+    return save_figure(figure, path)
+
+
+def plot_router_curve(curve_csv: Path, path: Path, title: str) -> Path:
+    """A router's training: episode return, path KL, executed saving and lambda against timesteps."""
+    with curve_csv.open(newline="", encoding="utf-8") as handle:
+        rows = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(handle)]
+    steps = [row["timesteps"] / 1000 for row in rows]
+    figure, axes = plt.subplots(1, 4, figsize=(14, 3.2))
+    for axis, (key, label) in zip(axes, [("episode_return", "episode return"), ("path_kl", "path KL (nats/sequence)"), ("saved_executed", "executed FLOPs saved"), ("lambda", "lambda")]):
+        axis.plot(steps, [row[key] for row in rows], linewidth=1.2)
+        axis.set_xlabel("timesteps (thousands)")
+        axis.set_title(label, fontsize=10)
+        axis.grid(alpha=0.3)
+    figure.suptitle(title)
+    figure.tight_layout()
     return save_figure(figure, path)

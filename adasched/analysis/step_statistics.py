@@ -1,10 +1,10 @@
 """Per-step statistics of sampling trajectories: how much the light model departs from the heavy one, when.
 
 ``rollout_records`` drives an ``EventTrajectory`` with a behaviour policy (all-heavy, typically) and, at every
-``record_every``-th step of the loop, runs the heavy and the light model on the rows' z_t and records per row
-the mean KL(heavy || light) over the row's masked positions, with the router's features of its state. The
-KL router is fitted on these records; the step-importance experiment reads the same records (t, mask
-fraction, KL).
+``record_every``-th step of the loop, records per row the path-KL increment the light model would add there
+(``adasched.analysis.path_kl.step_kl``: KL(light || heavy) summed over the positions revealing now), with
+the router's features of its state: what the KL router is fitted to predict. ``masked_kl`` is the
+step-importance experiment's measure: the mean KL(heavy || light) over all of a z_t's masked positions.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from adasched.analysis.path_kl import step_kl
 from adasched.models.dit import MDLMDenoiser
 from adasched.sampling.costs import CostMeter
 from adasched.sampling.features import router_features
@@ -30,7 +31,7 @@ class StepRecords:
     step: torch.Tensor  # (N,) int64
     t: torch.Tensor  # (N,) float64
     mask_fraction: torch.Tensor  # (N,) float64
-    kl: torch.Tensor  # (N,) float64 mean KL(heavy || light) over the row's masked positions, nats
+    kl: torch.Tensor  # (N,) float64 path-KL increment of the light model at this step, nats
     features: torch.Tensor  # (N, F) float32, see ``adasched.sampling.features.feature_names``
 
     def __len__(self) -> int:
@@ -79,7 +80,8 @@ def rollout_records(
     while not path.done:
         state = path.begin_step()
         if index % record_every == 0:
-            kl = masked_kl(models[heavy], models[light], path.current_tokens(), state.t).cpu()
+            tokens, reveal = path.open_step()
+            kl = step_kl([models[heavy], models[light]], tokens, state.t, reveal, torch.ones(len(tokens), dtype=torch.int64, device=tokens.device))[0].cpu()
             parts.append(
                 StepRecords(
                     seed=state.seeds.cpu(), step=state.step.cpu(), t=state.t.cpu(), mask_fraction=state.mask_fraction.double().cpu(),

@@ -6,9 +6,12 @@ with a composed, shrunken config.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import platform
 import re
+import shutil
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,9 +28,10 @@ from stable_baselines3.common.logger import KVWriter, Logger, configure
 from stable_baselines3.common.vec_env import VecMonitor
 
 from adasched.analysis.evaluation import load_evaluator
+from adasched.analysis.plots import plot_router_curve
 from adasched.data.tokenizer import load_tokenizer
 from adasched.errors import ConfigError
-from adasched.io import atomic_path, write_json_atomic
+from adasched.io import atomic_path, write_json_atomic, write_text_atomic
 from adasched.jobs.arms import resolve_device
 from adasched.jobs.train import LOGGER_MODES
 from adasched.models.family import load_family
@@ -92,15 +96,54 @@ def latest_checkpoint(checkpoint_dir: Path, resume: bool) -> tuple[Path, float] 
     return checkpoint_dir / f"{CHECKPOINT_PREFIX}_{step}_steps.zip", float(saved["lambda"])
 
 
-class EpisodeStats(BaseCallback):
-    """Logs each finished batch episode's executed saving, evaluator NLL and lambda (to CSV and W&B)."""
+CURVE_FILE, CURVE_PLOT = "training_curve.csv", "training_curve.png"
+CURVE_COLUMNS = ("timesteps", "wall_s", "episodes", "episode_return", "path_kl", "saved_executed", "lambda")
+
+
+class TrainingCurve(BaseCallback):
+    """One row per PPO rollout: mean return, path KL and executed saving of the episodes it finished, and lambda.
+
+    Written to ``path`` (rewritten atomically, so a resumed run continues the same curve) and to SB3's logger
+    (CSV, and W&B when on).
+    """
+
+    def __init__(self, path: Path, multiplier: LagrangeMultiplier, wall_s: float) -> None:
+        super().__init__()
+        self.path, self.multiplier, self.wall_s = path, multiplier, wall_s
+        self.rows: list[dict[str, float]] = []
+        self.episodes: list[dict[str, float]] = []
+
+    def _on_training_start(self) -> None:
+        self.clock = time.perf_counter()
+        if self.path.exists():
+            with self.path.open(newline="", encoding="utf-8") as handle:
+                self.rows = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(handle) if float(row["timesteps"]) <= self.num_timesteps]
+            self.wall_s = self.rows[-1]["wall_s"] if self.rows else self.wall_s
 
     def _on_step(self) -> bool:
-        info = self.locals["infos"][0]
-        if "saved_executed" in info:
-            for key in ("saved_executed", "nll", "lambda"):
-                self.logger.record(f"router/{key}", info[key])
+        for info in self.locals["infos"]:
+            if "saved_executed" in info:
+                self.episodes.append({"return": info["episode"]["r"] if "episode" in info else float("nan"), **info})
         return True
+
+    def _on_rollout_end(self) -> None:
+        if not self.episodes:
+            return
+        row = {
+            "timesteps": float(self.num_timesteps), "wall_s": round(self.wall_s + time.perf_counter() - self.clock, 1),
+            "episodes": float(len(self.episodes)), "episode_return": float(np.mean([e["return"] for e in self.episodes])),
+            "path_kl": float(np.mean([e["path_kl"] for e in self.episodes])),
+            "saved_executed": float(np.mean([e["saved_executed"] for e in self.episodes])), "lambda": self.multiplier.value,
+        }
+        self.rows.append(row)
+        self.episodes = []
+        for key in CURVE_COLUMNS[2:]:
+            self.logger.record(f"router/{key}", row[key])
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=CURVE_COLUMNS)
+        writer.writeheader()
+        writer.writerows(self.rows)
+        write_text_atomic(self.path, buffer.getvalue())
 
 
 class WandbWriter(KVWriter):
@@ -137,13 +180,17 @@ def command_line() -> str:
     return " ".join(["python experiments/train_router.py", *overrides])
 
 
-def export_router(model: PPO, export_dir: Path, info: dict[str, Any]) -> Path:
-    """Write the SB3 zip and its JSON (what ``policies.learned.LearnedRouter`` loads), as one folder, atomically."""
+def export_router(model: PPO, export_dir: Path, info: dict[str, Any], curve: Path) -> Path:
+    """Write the SB3 zip, its JSON (what ``policies.learned.LearnedRouter`` loads) and the training curve with
+    its figure, as one folder, atomically."""
     export_dir.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(export_dir) as partial:
         partial.mkdir()
         model.save(partial / ROUTER_FILE)
         write_json_atomic(partial / INFO_FILE, info)
+        if curve.exists():
+            shutil.copyfile(curve, partial / CURVE_FILE)
+            plot_router_curve(curve, partial / CURVE_PLOT, f"learned_router, budget {info['budget']}")
     return export_dir
 
 
@@ -154,17 +201,17 @@ def train_router(cfg: DictConfig) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     family_dir, members = Path(cfg.family.dir), list(cfg.family.members)
     models = [m.to(device) for m in load_family({name: family_dir / name for name in members}).values()]
-    tokenizer = load_tokenizer(cfg.family.tokenizer)
-    evaluator, evaluator_tokenizer = load_evaluator(cfg.eval.ppl_model, device, cfg.eval.tokenizer_path)
+    score = None
+    if cfg.env.quality_weight:  # the evaluator term is optional: path KL is the quality reward
+        evaluator, evaluator_tokenizer = load_evaluator(cfg.eval.ppl_model, device, cfg.eval.tokenizer_path)
+        score = evaluator_scorer(evaluator, evaluator_tokenizer, load_tokenizer(cfg.family.tokenizer), cfg.eval.batch_size, device)
 
     run_dir = Path(cfg.run_dir)
     checkpoint_dir = run_dir / "checkpoints"
     latest = latest_checkpoint(checkpoint_dir, cfg.resume)
     multiplier = LagrangeMultiplier(latest[1] if latest else cfg.env.lambda_init, cfg.env.lambda_lr, cfg.budget)
-    episodes = EpisodeConfig(
-        models, evaluator_scorer(evaluator, evaluator_tokenizer, tokenizer, cfg.eval.batch_size, device),
-        SamplingSpec(cfg.sampling.num_steps, cfg.sampling.seq_len, cfg.env.num_envs, cfg.sampling.top_p), cfg.budget, multiplier, cfg.env.quality_weight,
-    )
+    spec = SamplingSpec(cfg.sampling.num_steps, cfg.sampling.seq_len, cfg.env.num_envs, cfg.sampling.top_p)
+    episodes = EpisodeConfig(models, spec, cfg.budget, multiplier, score, cfg.env.quality_weight)
     env = ModelScheduleVecEnv(episodes, cfg.env.num_envs, seed=cfg.seed)
     venv = VecMonitor(env)
     if latest:
@@ -175,8 +222,8 @@ def train_router(cfg: DictConfig) -> dict[str, Any]:
         net_arch, _ = ppo.pop("net_arch"), ppo.pop("total_timesteps")
         model = PPO("MlpPolicy", venv, policy_kwargs={"net_arch": net_arch}, seed=cfg.seed, device="cpu", **ppo)
     model.set_logger(make_logger(cfg, run_dir))
-    callbacks = [RouterCheckpoint(max(1, cfg.checkpoint_every_n_timesteps // cfg.env.num_envs), checkpoint_dir, multiplier), EpisodeStats()]
-    started = time.perf_counter()
+    curve = TrainingCurve(run_dir / CURVE_FILE, multiplier, 0.0)
+    callbacks = [RouterCheckpoint(max(1, cfg.checkpoint_every_n_timesteps // cfg.env.num_envs), checkpoint_dir, multiplier), curve]
     remaining = cfg.ppo.total_timesteps - model.num_timesteps
     if remaining > 0:
         model.learn(remaining, callback=callbacks, progress_bar=cfg.progress_bar, reset_num_timesteps=False)
@@ -189,7 +236,9 @@ def train_router(cfg: DictConfig) -> dict[str, Any]:
         "family": {"name": cfg.family.name, "members": members},
         "budget": cfg.budget,
         "lambda": multiplier.value,
-        "last_episode": env.last_summary,  # saved_executed, nll and lambda of the last finished batch episode
+        "last_episodes": env.last_summary,  # saved_executed, path_kl and lambda of the last num_envs finished episodes
+        "training_curve": CURVE_FILE,
+        "train_wall_seconds": curve.rows[-1]["wall_s"] if curve.rows else None,
         "num_steps": cfg.sampling.num_steps,
         "seq_len": cfg.sampling.seq_len,
         "timesteps": model.num_timesteps,
@@ -197,12 +246,11 @@ def train_router(cfg: DictConfig) -> dict[str, Any]:
         "quality_weight": cfg.env.quality_weight,
         "seed": cfg.seed,
         "command": command_line(),
-        "train_wall_seconds_this_run": round(time.perf_counter() - started, 1),
         "trained_on": f"{platform.machine()} {device}",
         "torch": torch.__version__,
         "stable_baselines3": stable_baselines3.__version__,
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    export_router(model, Path(cfg.export_dir), info)
+    export_router(model, Path(cfg.export_dir), info, run_dir / CURVE_FILE)
     print(f"exported learned_router to {cfg.export_dir}: {model.num_timesteps} timesteps, lambda {multiplier.value:.4f}, last saving {env.last_summary.get('saved_executed', float('nan')):.3f}")
     return info

@@ -6,9 +6,14 @@ steps where it reveals positions (elsewhere no model runs and nothing changes), 
 ``seq_len`` decisions. The observation is ``adasched.sampling.features.router_features`` of the row's
 ``DenoiseState``, the same code the ``learned_router`` policy runs at sampling time.
 
-The budget is kept by a Lagrangian multiplier (no hard guard): the FLOPs saved earn ``lambda`` per full
-heavy forward, and ``lambda`` moves with the measured executed saving of each ``num_rows`` finished
-episodes, up while the saving is below the target and down (to 0) while above.
+The reward of a row's step is minus its path-KL increment (``adasched.analysis.path_kl``: the KL of the
+chosen model's prediction from the heavy one's at the positions revealed, 0 for the heavy model) minus
+``lambda`` times the step's executed FLOPs per full heavy forward: dense, exact, and summing over an
+episode to minus the sample's path KL minus its priced compute. The budget is kept by that multiplier:
+``lambda`` moves with the executed saving of every ``num_rows`` finished episodes, up while the saving is
+below the target and down while above. At ``lambda = 0`` the cheapest policy is all-heavy (zero KL), whose
+saving is below any budget, so ``lambda`` cannot settle there; it settles where the saving meets the target.
+The evaluator's NLL of a finished sample can be added at the episode's end (``quality_weight``, off by default).
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ from stable_baselines3.common.vec_env.base_vec_env import (
 )
 
 from adasched.analysis.evaluation import sample_nll
+from adasched.analysis.path_kl import step_kl
+from adasched.errors import ConfigError
 from adasched.models.dit import MDLMDenoiser
 from adasched.sampling.costs import CostMeter
 from adasched.sampling.features import feature_space, router_features
@@ -43,7 +50,7 @@ Scorer = Callable[[torch.Tensor], torch.Tensor]  # generated tokens (B, L) -> (B
 
 @dataclass
 class LagrangeMultiplier:
-    """The price of a heavy forward's FLOPs: rises while the saving is below ``target``, never below 0."""
+    """The price of a heavy forward's FLOPs: projected dual ascent on ``target - saving``, never below 0."""
 
     value: float
     lr: float
@@ -77,11 +84,11 @@ class EpisodeConfig:
     """What every episode shares: the family, the sampler's settings, the quality scorer and the budget."""
 
     models: Sequence[MDLMDenoiser]
-    score: Scorer
     spec: SamplingSpec  # its batch_size is ignored: the environment's number of rows is the batch
     budget: float
     multiplier: LagrangeMultiplier
-    quality_weight: float = 1.0
+    score: Scorer | None = None  # the evaluator's NLL of finished samples; needed when quality_weight > 0
+    quality_weight: float = 0.0  # terminal reward -quality_weight * NLL (nats/token)
 
 
 class RowBatch:
@@ -93,10 +100,12 @@ class RowBatch:
 
     def __init__(self, config: EpisodeConfig, num_rows: int, rng: np.random.Generator) -> None:
         check_budget(config.budget)
+        if config.quality_weight and config.score is None:
+            raise ConfigError(f"env.quality_weight={config.quality_weight} needs an evaluator to score samples")
         self.config, self.num_rows, self.rng = config, num_rows, rng
         self.spec = SamplingSpec(config.spec.num_steps, config.spec.seq_len, num_rows, config.spec.top_p)
         self.heavy_full = float(config.models[0].flops_per_forward(self.spec.seq_len, self.spec.seq_len))
-        self.finished: list[tuple[float, float, float]] = []  # (executed, all-heavy, nll) of episodes since lambda moved
+        self.finished: list[dict[str, float]] = []  # summaries of the episodes since lambda last moved
 
     @property
     def num_models(self) -> int:
@@ -109,6 +118,7 @@ class RowBatch:
         """Begin an episode in every row; returns the first decision's observations."""
         meter = CostMeter([str(m) for m in range(self.num_models)], [m.config.n_blocks for m in self.config.models])
         self.path = EventTrajectory(self.config.models, self.new_seeds(self.num_rows), self.spec, meter, features=frozenset({ENTROPY}))
+        self.episode_kl = torch.zeros(self.num_rows, dtype=torch.float64)
         return self._observe()
 
     def _observe(self) -> np.ndarray:
@@ -118,26 +128,35 @@ class RowBatch:
 
     def step(self, action: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict[str, float]]]:
         """Apply one decision per row; returns observations, (B,) rewards, which rows ended, and their summaries."""
-        path = self.path
+        path, config = self.path, self.config
         ending = [slot for slot in range(self.num_rows) if path.events_left[slot] == 1]
         samples = path.sample_of[ending].tolist()
         totals = (path.row_flops[ending], path.row_all_heavy[ending])
         if ending:
             path.enqueue(self.new_seeds(len(ending)))  # starts in the ending rows' slots as they free
         with torch.inference_mode():
+            tokens, reveal = path.open_step()
+            kl, _ = step_kl(config.models, tokens, self.state.t, reveal, action.to(tokens.device), self.spec.top_p)
+            kl = kl.cpu()
             output = path.advance(action)
-            rewards = self.config.multiplier.value * (output.all_heavy_flops - output.flops).cpu() / self.heavy_full
+            self.episode_kl += kl
+            rewards = -kl - config.multiplier.value * output.flops.cpu() / self.heavy_full
             infos: list[dict[str, float]] = [{} for _ in range(self.num_rows)]
-            terminal = self.observation
             if ending:
-                nll = self.config.score(path.tokens_out[samples, path.prefix_len :]).cpu()
+                nll = config.score(path.tokens_out[samples, path.prefix_len :]).cpu() if config.score is not None else None
                 executed = (totals[0] + output.flops[ending]).cpu()
                 all_heavy = (totals[1] + output.all_heavy_flops[ending]).cpu()
                 for i, slot in enumerate(ending):
-                    rewards[slot] -= self.config.quality_weight * nll[i]
-                    saving = 1.0 - float(executed[i] / all_heavy[i])
-                    infos[slot] = {"terminal_observation": terminal[slot], "saved_executed": saving, "nll": float(nll[i]), "lambda": self.config.multiplier.value}
-                    self.finished.append((float(executed[i]), float(all_heavy[i]), float(nll[i])))
+                    summary = {
+                        "saved_executed": 1.0 - float(executed[i] / all_heavy[i]), "path_kl": float(self.episode_kl[slot]),
+                        "executed_flops": float(executed[i]), "all_heavy_flops": float(all_heavy[i]), "lambda": config.multiplier.value,
+                    }
+                    if nll is not None:
+                        summary["nll"] = float(nll[i])
+                        rewards[slot] -= config.quality_weight * nll[i]
+                    infos[slot] = {"terminal_observation": self.observation[slot], **summary}
+                    self.finished.append(summary)
+                    self.episode_kl[slot] = 0.0
                 self._update_multiplier()
             observation = self._observe()
         dones = np.zeros(self.num_rows, dtype=bool)
@@ -148,9 +167,14 @@ class RowBatch:
         """Move lambda once ``num_rows`` episodes have finished, with their pooled executed saving."""
         if len(self.finished) < self.num_rows:
             return
-        executed, all_heavy, _ = (sum(column) for column in zip(*self.finished))
-        self.config.multiplier.update(1.0 - executed / all_heavy)
-        self.last_summary = {"saved_executed": 1.0 - executed / all_heavy, "nll": float(np.mean([f[2] for f in self.finished])), "lambda": self.config.multiplier.value}
+        executed = sum(episode["executed_flops"] for episode in self.finished)
+        all_heavy = sum(episode["all_heavy_flops"] for episode in self.finished)
+        saving = 1.0 - executed / all_heavy
+        self.config.multiplier.update(saving)
+        self.last_summary = {
+            "saved_executed": saving, "path_kl": float(np.mean([episode["path_kl"] for episode in self.finished])),
+            "lambda": self.config.multiplier.value,
+        }
         self.finished = []
 
 
@@ -167,8 +191,8 @@ class ModelScheduleEnv(gymnasium.Env):
     model of the previous forward.
 
     ## Rewards
-    Each step earns ``lambda * (all-heavy FLOPs - executed FLOPs) / FLOPs of a full heavy forward``: 0 for
-    the heavy model, positive for a lighter one. The last step also earns
+    Each step earns ``-KL - lambda * executed FLOPs / FLOPs of a full heavy forward``, where KL is the step's
+    path-KL increment (0 for the heavy model). With ``quality_weight > 0`` the last step also earns
     ``-quality_weight * NLL`` of the finished sample under the scorer (the autoregressive evaluator).
     ``lambda`` is a Lagrange multiplier updated from the executed saving of finished episodes.
 

@@ -202,11 +202,12 @@ class Trajectory(ABC):
     def total_steps(self) -> int:
         """How many ``begin_step``/``advance`` rounds the samples given so far take (for progress bars)."""
 
-    def current_tokens(self) -> torch.Tensor:
-        """(R, L) z_t of the rows of the step ``begin_step`` opened."""
+    def open_step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(R, L) z_t of the rows of the step ``begin_step`` opened, and the (R, L) positions they reveal."""
         if self._decision is None:
-            raise RuntimeError("current_tokens() needs begin_step() first")
-        return self.tokens[self._decision[0]]
+            raise RuntimeError("open_step() needs begin_step() first")
+        slots, _, reveal, _, _ = self._decision
+        return self.tokens[slots], reveal
 
     @abstractmethod
     def next_rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
