@@ -6,12 +6,27 @@ from pathlib import Path
 
 from adasched.errors import ConfigError, DataUnavailableError
 from adasched.models.dit import MDLMDenoiser
+from adasched.models.mdlm_checkpoint import load_mdlm_hub, load_mdlm_lightning
 
 SHARED_FIELDS = ("vocab_size", "mask_token_id", "seq_len")
+HUB_PREFIX, LIGHTNING_PREFIX = "hf:", "mdlm:"  # member names that load an MDLM checkpoint, not family.dir/name
+
+
+def member_path_or_source(path: str | Path, name: str) -> str | Path:
+    """Where member ``name`` loads from: ``name`` itself when it names an MDLM source, else ``path``.
+
+    Callers join every member name to the family folder; a source name keeps its own location instead.
+    """
+    return name if name.startswith((HUB_PREFIX, LIGHTNING_PREFIX)) else path
 
 
 def load_denoiser(path: str | Path) -> MDLMDenoiser:
-    """A denoiser saved by ``save_pretrained``, in float32 and eval mode."""
+    """A member in float32 and eval mode: a ``save_pretrained`` folder, or ``hf:<hub id or folder>`` / ``mdlm:<.ckpt>``."""
+    source = str(path)
+    if source.startswith(HUB_PREFIX):
+        return load_mdlm_hub(source.removeprefix(HUB_PREFIX))
+    if source.startswith(LIGHTNING_PREFIX):
+        return load_mdlm_lightning(source.removeprefix(LIGHTNING_PREFIX))
     if not (Path(path) / "config.json").is_file():
         raise DataUnavailableError(f"no denoiser at {path}: expected config.json and model.safetensors there")
     return MDLMDenoiser.from_pretrained(str(path)).float().eval()
@@ -33,7 +48,7 @@ def check_family(members: dict[str, MDLMDenoiser]) -> None:
 
 
 def load_family(paths: dict[str, str | Path]) -> dict[str, MDLMDenoiser]:
-    """Load every member (name -> folder) and check they form a family."""
-    members = {name: load_denoiser(path) for name, path in paths.items()}
+    """Load every member (name -> folder, or an ``hf:``/``mdlm:`` name -> anything) and check they form a family."""
+    members = {name: load_denoiser(member_path_or_source(path, name)) for name, path in paths.items()}
     check_family(members)
     return members
