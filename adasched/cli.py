@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
 from adasched.errors import ConfigError, DataUnavailableError
@@ -43,15 +45,29 @@ def user_error_in(error: BaseException | None) -> BaseException | None:
     return error
 
 
+HYDRA_ONLY = {".hydra", "run.log"}  # what Hydra itself writes into a run folder
+
+
+def remove_empty_run_dir() -> None:
+    """Remove this Hydra run's folder if it holds nothing the job wrote: a run refused for a bad value leaves none."""
+    if not HydraConfig.initialized():
+        return
+    folder = Path(HydraConfig.get().runtime.output_dir)
+    if folder.is_dir() and {entry.name for entry in folder.iterdir()} <= HYDRA_ONLY:
+        shutil.rmtree(folder)
+
+
 @contextmanager
 def user_errors_exit() -> Iterator[None]:
-    """Turn a ConfigError / DataUnavailableError into ``error: <message>`` on stderr and exit status 2."""
+    """Turn a ConfigError / DataUnavailableError into ``error: <message>`` on its own stderr line and exit status 2."""
     try:
         yield
     except Exception as error:
         cause = user_error_in(error)
         if cause is None:
             raise
+        remove_empty_run_dir()
+        sys.stdout.flush()
         print(f"error: {cause}", file=sys.stderr)
         raise SystemExit(2) from None
 

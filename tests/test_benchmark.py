@@ -81,6 +81,7 @@ def test_benchmark_writes_timings_and_savings(tiny_family: Path, tmp_path: Path)
         (["size.paper.steps_timed=30"], r"size.paper.steps_timed=30 must lie in \[1, 25\]"),
         (["+policies.static_quarter.quarter=7"], "policy.quarter=7"),
         (["dtype=float8"], "dtype='float8' is unknown"),
+        (["samplers=[fast]"], r"samplers=\['fast'\] is invalid; choose one or more of: event, step, reference"),
     ],
 )
 def test_bad_values_fail_by_name(overrides: list[str], message: str, tiny_family: Path, tmp_path: Path) -> None:

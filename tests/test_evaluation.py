@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -174,3 +175,20 @@ def test_an_unloadable_evaluator_says_what_to_do(monkeypatch: pytest.MonkeyPatch
         load_evaluator("adasched-test/no-such-evaluator", "cpu")
     message = one_line(error)
     assert "adasched-test/no-such-evaluator" in message and "local path" in message
+
+
+def test_an_uncached_hub_name_fails_at_once_in_one_line_when_the_hub_is_out_of_reach(monkeypatch: pytest.MonkeyPatch) -> None:
+    from adasched import hub
+
+    monkeypatch.setattr(hub, "hub_reachable", lambda: False)
+    tries = []
+
+    def load(name: str, **kwargs: object) -> None:
+        tries.append(kwargs)
+        raise OSError(f"{name} is not cached")
+
+    started = time.perf_counter()
+    with pytest.raises(DataUnavailableError) as error:
+        hub.cached_or_downloaded(load, "some-org/some-model", "evaluator")
+    assert tries == [{"local_files_only": True}]  # the cache only: no download attempt, no retries
+    assert time.perf_counter() - started < 1 and "\n" not in str(error.value) and "'some-org/some-model'" in str(error.value)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -101,3 +102,13 @@ def test_family_refuses_members_that_disagree(tmp_path: Path) -> None:
         load_family({"heavy": tmp_path / "heavy", "light": tmp_path / "light"})
     with pytest.raises(DataUnavailableError, match="no denoiser at"):
         load_denoiser(tmp_path / "missing")
+
+
+def test_a_truncated_member_file_is_named_in_one_line(tiny_family: Path, tmp_path: Path) -> None:
+    shutil.copytree(tiny_family / "light", tmp_path / "light")
+    weights = tmp_path / "light" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(DataUnavailableError) as error:
+        load_family({"heavy": tiny_family / "heavy", "light": tmp_path / "light"})
+    message = str(error.value)
+    assert "\n" not in message and "family member 'light'" in message and str(weights) in message

@@ -82,10 +82,23 @@ def run_cli(*overrides: str) -> subprocess.CompletedProcess:
         (["policy=fancy"], "unknown policy 'fancy'; choose one of: entropy_router"),
         (["policy=static_segments", "policy.spec='L100,Q800,L100'"], "invalid segment 'Q800'"),
         (["policy=static_sandwich", "policy.light_fraction=2"], "policy.light_fraction=2"),
+        (["policy=static_segments", "policy.spec='L100,H800'"], "covers 900 steps, not num_steps=1000"),
+        (["sampling.num_steps=0"], "sampling.num_steps=0 is invalid"),
+        (["sampling.num_samples=-3"], "sampling.num_samples=-3 is invalid"),
     ],
 )
-def test_cli_rejects_bad_values_with_one_line(overrides: list[str], expected: str, tmp_path: Path) -> None:
-    result = run_cli(*overrides, f"hydra.run.dir={tmp_path}")
+def test_cli_rejects_bad_values_with_one_line_and_leaves_no_folder(overrides: list[str], expected: str, tmp_path: Path) -> None:
+    result = run_cli(*overrides, f"hydra.run.dir={tmp_path / 'run'}")
     assert result.returncode == 2, result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and expected in last and "Traceback" not in result.stderr
+    assert "Loading weights" not in result.stdout + result.stderr  # refused before any model loads
+    assert not (tmp_path / "run").exists()
+
+
+def test_help_says_what_the_script_does_and_its_main_options() -> None:
+    result = run_cli("--help")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("experiments/run.py: sample with one scheduling policy")
+    for option in ("policy=NAME", "budget=FRACTION", "sampling.num_samples=N", "family=NAME"):
+        assert option in result.stdout

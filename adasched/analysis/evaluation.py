@@ -21,7 +21,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from adasched.errors import ConfigError, DataUnavailableError
+from adasched.errors import ConfigError
+from adasched.hub import cached_or_downloaded
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
@@ -45,14 +46,8 @@ def load_evaluator(
     folder = Path(name_or_path)
     if tokenizer_path is None and folder.is_dir() and not any((folder / f).is_file() for f in TOKENIZER_FILES):
         raise ConfigError(f"evaluator folder {name_or_path} has no tokenizer; pass tokenizer_path (e.g. checkpoints/shakespeare/tokenizer)")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(name_or_path)
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or name_or_path)
-    except OSError as error:
-        raise DataUnavailableError(
-            f"evaluator '{name_or_path}' (tokenizer '{tokenizer_path or name_or_path}') is neither local nor cached "
-            "and the hub cannot be reached; connect once to cache it, or pass a local path"
-        ) from error
+    model = cached_or_downloaded(AutoModelForCausalLM.from_pretrained, name_or_path, "evaluator")
+    tokenizer = cached_or_downloaded(AutoTokenizer.from_pretrained, tokenizer_path or name_or_path, "evaluator tokenizer")
     return model.float().to(device).eval(), tokenizer
 
 

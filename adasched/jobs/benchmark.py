@@ -195,14 +195,14 @@ def run_cell(
     return sample_cell(SAMPLERS[sampler], size, make_policy(policy, **kwargs), samples, steps, meter, bar), meter
 
 
-def time_cells(size: Size, policies: dict[str, dict[str, Any]], repeats: int, seed: int) -> dict[str, dict[str, dict[str, Any]]]:
+def time_cells(size: Size, policies: dict[str, dict[str, Any]], samplers: list[str], repeats: int, seed: int) -> dict[str, dict[str, dict[str, Any]]]:
     """Wall-clock of every (policy, sampler) cell, ``repeats`` times, interleaved so drift hits all cells alike.
 
     Every cell first runs ``warmup_steps`` steps of one batch untimed.
     """
     samples = work(size, seed)
     first_batch = (samples[0][: size.batch_size], None if samples[1] is None else samples[1][: size.batch_size])
-    cells = [(policy, sampler) for policy in policies for sampler in SAMPLERS]
+    cells = [(policy, sampler) for policy in policies for sampler in samplers]
     warmup = min(size.warmup_steps, size.steps_timed)
     walls: dict[tuple[str, str], list[float]] = {cell: [] for cell in cells}
     meters: dict[tuple[str, str], CostMeter] = {}  # FLOPs are the same every repeat: keep the last
@@ -271,9 +271,14 @@ def describe_timing(size: Size) -> str:
     )
 
 
-def benchmark_size(size: Size, policies: dict[str, dict[str, Any]], repeats: int, seed: int) -> dict[str, Any]:
+def speedups(cells: dict[str, dict[str, dict[str, Any]]], faster: str, slower: str) -> dict[str, float | None]:
+    """Per policy: how many times ``faster``'s wall clock fits in ``slower``'s (None if either was not timed)."""
+    return {policy: ratio(c[slower]["wall_s"], c[faster]["wall_s"]) if faster in c and slower in c else None for policy, c in cells.items()}
+
+
+def benchmark_size(size: Size, policies: dict[str, dict[str, Any]], samplers: list[str], repeats: int, seed: int) -> dict[str, Any]:
     """A size's setup (what was timed, so numbers from different runs can be compared), timings and savings."""
-    cells = time_cells(size, policies, repeats, seed)
+    cells = time_cells(size, policies, samplers, repeats, seed)
     config = size.models[0].config
     return {
         "setup": {
@@ -283,8 +288,8 @@ def benchmark_size(size: Size, policies: dict[str, dict[str, Any]], repeats: int
             "warmup_steps": min(size.warmup_steps, size.steps_timed), "timed": describe_timing(size),
         },
         "cells": cells,
-        "speedup_event_over_reference": {policy: ratio(c["reference"]["wall_s"], c["event"]["wall_s"]) for policy, c in cells.items()},
-        "speedup_event_over_step": {policy: ratio(c["step"]["wall_s"], c["event"]["wall_s"]) for policy, c in cells.items()},
+        "speedup_event_over_reference": speedups(cells, "event", "reference"),
+        "speedup_event_over_step": speedups(cells, "event", "step"),
         "savings_vs_" + BASELINE_POLICY: savings(cells),
     }
 
@@ -310,6 +315,9 @@ def selected_sizes(cfg: DictConfig) -> list[str]:
 def benchmark(cfg: DictConfig) -> dict[str, Any]:
     """Time every selected size and write ``run_dir/benchmark.json``."""
     names = selected_sizes(cfg)  # first: bad values fail before any model loads
+    unknown = [sampler for sampler in cfg.samplers if sampler not in SAMPLERS]
+    if unknown or not cfg.samplers:
+        raise ConfigError(f"samplers={list(cfg.samplers)} is invalid; choose one or more of: {', '.join(SAMPLERS)}")
     if cfg.repeats <= 0:
         raise ConfigError(f"repeats={cfg.repeats} is invalid; it must be a positive integer")
     policies = {BASELINE_POLICY: {}} | OmegaConf.to_container(cfg.policies, resolve=True)
@@ -352,7 +360,7 @@ def benchmark_sizes(cfg: DictConfig, names: list[str], policies: dict[str, dict[
     run_dir.mkdir(parents=True, exist_ok=True)
     for name in names:
         size = load_size(name, cfg.size[name], device, dtype, cfg.seed)
-        results["sizes"][name] = benchmark_size(size, policies, cfg.repeats, cfg.seed)
+        results["sizes"][name] = benchmark_size(size, policies, list(cfg.samplers), cfg.repeats, cfg.seed)
         write_json_atomic(run_dir / "benchmark.json", results)
     return results
 

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from adasched.analysis.run_logging import log_run, samples_table
 from adasched.io import write_json_atomic
-from adasched.jobs.arms import evaluate_arm, load_setting
+from adasched.jobs.arms import evaluate_arm, load_setting, sampling_spec
 from adasched.parallel import predict_trainer
 from policies import make_policy
 
@@ -33,6 +33,8 @@ def parallel_trainer(cfg: DictConfig) -> L.Trainer | None:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     policy = instantiate(cfg.policy)  # first: a bad policy value fails before any model loads
+    spec = sampling_spec(cfg)
+    policy.reset(spec.num_steps, len(cfg.family.members))  # a schedule that does not fit the steps fails here too
     setting = load_setting(cfg, parallel_trainer(cfg))
     baseline = None
     if cfg.eval.compare_to_heavy and cfg.policy.name != BASELINE_POLICY:
@@ -69,8 +71,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if not writes:
         return results
     write_json_atomic(run_dir / "results.json", results)
+    print_summary(results)  # before W&B's own summary, which its finish prints
     log_run(cfg, cfg.run_name, results, {"samples": samples_table(record["seeds"], record["nll"], outcome.texts)}, {"schedule": run_dir / "schedule.png"})
-    print_summary(results)
     return results
 
 

@@ -27,7 +27,7 @@ from adasched.analysis.segment_search import (
 )
 from adasched.errors import ConfigError
 from adasched.io import write_json_atomic, write_text_atomic
-from adasched.jobs.arms import evaluate_arm, load_setting
+from adasched.jobs.arms import evaluate_arm, load_setting, sampling_spec
 from adasched.sampling.policy import Policy, check_budget
 
 
@@ -93,6 +93,9 @@ def sweep_settings(cfg: DictConfig) -> dict[str, Any]:
 def sweep(cfg: DictConfig) -> list[dict[str, Any]]:
     """Run every unfinished arm of this shard, then write its report; returns the table's rows."""
     arms = expand_arms(cfg.experiment)
+    spec = sampling_spec(cfg)
+    for arm in arms:  # a schedule that does not fit the steps or the family fails before any model loads
+        arm.policy.reset(spec.num_steps, len(cfg.family.members))
     run_dir = Path(cfg.run_dir)
     settings = sweep_settings(cfg)
     log = ArmLog(run_dir, settings)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+from safetensors.torch import load_file
+
 from adasched.errors import ConfigError, DataUnavailableError
-from adasched.models.dit import MDLMDenoiser
+from adasched.models.dit import DenoiserConfig, MDLMDenoiser
 from adasched.models.mdlm_checkpoint import load_mdlm_hub, load_mdlm_lightning
 
 SHARED_FIELDS = ("vocab_size", "mask_token_id", "seq_len")
@@ -29,7 +32,15 @@ def load_denoiser(path: str | Path) -> MDLMDenoiser:
         return load_mdlm_lightning(source.removeprefix(LIGHTNING_PREFIX))
     if not (Path(path) / "config.json").is_file():
         raise DataUnavailableError(f"no denoiser at {path}: expected config.json and model.safetensors there")
-    return MDLMDenoiser.from_pretrained(str(path)).float().eval()
+    try:  # not PyTorchModelHubMixin.from_pretrained: it prints per model and loads non-strictly
+        model = MDLMDenoiser(DenoiserConfig(**json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))))
+        model.load_state_dict(load_file(str(Path(path) / "model.safetensors")), strict=True)
+        return model.float().eval()
+    except ConfigError:
+        raise
+    except Exception as error:  # safetensors, json and torch each raise their own kind for a damaged file
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise DataUnavailableError(f"{Path(path) / 'model.safetensors'} (or its config.json) is unreadable: {reason}; re-export or re-copy the model") from error
 
 
 def check_family(members: dict[str, MDLMDenoiser]) -> None:
@@ -49,6 +60,11 @@ def check_family(members: dict[str, MDLMDenoiser]) -> None:
 
 def load_family(paths: dict[str, str | Path]) -> dict[str, MDLMDenoiser]:
     """Load every member (name -> folder, or an ``hf:``/``mdlm:`` name -> anything) and check they form a family."""
-    members = {name: load_denoiser(member_path_or_source(path, name)) for name, path in paths.items()}
+    members = {}
+    for name, path in paths.items():
+        try:
+            members[name] = load_denoiser(member_path_or_source(path, name))
+        except (ConfigError, DataUnavailableError) as error:
+            raise type(error)(f"family member {name!r}: {error}") from error
     check_family(members)
     return members

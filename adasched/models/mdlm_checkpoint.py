@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import collections
 import json
-import os
 import typing
 from collections.abc import Mapping
 from pathlib import Path
@@ -30,14 +29,15 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from huggingface_hub import constants, snapshot_download
-from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import HFValidationError
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.base import ContainerMetadata, Metadata
 from omegaconf.nodes import AnyNode, BooleanNode, FloatNode, IntegerNode, StringNode
 from safetensors.torch import load_file
 
 from adasched.errors import ConfigError, DataUnavailableError
+from adasched.hub import cached_or_downloaded
 from adasched.models.dit import DenoiserConfig, MDLMDenoiser
 
 BLOCK_PARAMETERS = (
@@ -91,34 +91,16 @@ def load_mdlm_hub(source: str) -> MDLMDenoiser:
     return convert(json.loads(config_file.read_text(encoding="utf-8")), backbone_weights(state), source)
 
 
-def hub_offline() -> bool:
-    """HF_HUB_OFFLINE, read now: huggingface_hub reads it once at import, possibly before a caller sets it."""
-    return constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
-
-
 def hub_folder(source: str) -> Path:
     """``source`` itself when it is a folder; else the hub repo's snapshot, from the cache first (no network)."""
     if Path(source).is_dir():
         return Path(source)
-    fetch = f"`hf download {source} config.json model.safetensors`"
     patterns = ["config.json", "model.safetensors"]
+    how = f"run `hf download {source} config.json model.safetensors` once online, or name a local folder"
     try:
-        return Path(snapshot_download(source, allow_patterns=patterns, local_files_only=True))
+        return cached_or_downloaded(lambda name, **kw: Path(snapshot_download(name, allow_patterns=patterns, **kw)), source, "MDLM model hf:", how)
     except HFValidationError as error:
         raise DataUnavailableError(f"MDLM model 'hf:{source}' names neither a folder nor a valid hub id") from error
-    except LocalEntryNotFoundError as error:
-        if hub_offline():
-            raise DataUnavailableError(
-                f"MDLM model 'hf:{source}' is neither a folder nor in the Hugging Face cache, and HF_HUB_OFFLINE is set; "
-                f"run {fetch} once online, or name a local folder"
-            ) from error
-    try:  # one attempt online: a failure is reported, not retried
-        return Path(snapshot_download(source, allow_patterns=patterns))
-    except Exception as error:
-        raise DataUnavailableError(
-            f"MDLM model 'hf:{source}' is not a folder and could not be fetched ({type(error).__name__}); "
-            f"run {fetch} or name a local folder"
-        ) from error
 
 
 def load_mdlm_lightning(path: str | Path) -> MDLMDenoiser:
