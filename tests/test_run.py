@@ -45,7 +45,7 @@ def test_run_writes_results_samples_and_schedule(tiny_family: Path, tmp_path: Pa
     assert len(kl["per_step"]) == 20 and sum(kl["per_step"]) == pytest.approx(kl["per_sequence"]["mean"])
     samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
     assert [s["seed"] for s in samples] == list(range(6))
-    assert (tmp_path / "schedule.png").stat().st_size > 1000
+    assert (tmp_path / "schedule.png").stat().st_size > 1000 and (tmp_path / "schedule_path_kl.png").stat().st_size > 1000
     assert results["forwards"]["heavy"] > 0 and results["forwards"]["light"] > 0
 
 

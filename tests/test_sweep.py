@@ -50,8 +50,9 @@ def test_every_arm_runs_at_every_budget_and_pairs_with_the_reference(tiny_family
             assert abs(by_label[f"{arm}@{budget}"]["saved_executed_%"] / 100 - budget) < 0.05  # held-out seeds
     assert by_label["static_heavy"]["saved_executed_%"] == 0 and by_label["static_heavy"]["verdict"] == ""
     assert by_label["static_heavy"]["path_kl"] == 0.0
-    assert len(list((tmp_path / "samples").glob("*.jsonl"))) == len(rows) == len(list((tmp_path / "schedules").glob("*.png")))
-    assert (tmp_path / "quality_vs_compute.png").stat().st_size > 1000
+    figures = list((tmp_path / "schedules").glob("*.png"))  # a schedule and a per-step path KL curve per arm
+    assert len(list((tmp_path / "samples").glob("*.jsonl"))) == len(rows) == len(figures) // 2 == sum(f.stem.endswith("_path_kl") for f in figures)
+    assert (tmp_path / "quality_vs_compute.png").stat().st_size > 1000 and (tmp_path / "path_kl_per_step.png").stat().st_size > 1000
 
 
 SEARCH = ["experiment=exhaustive", "experiment.segment_search.num_segments=4", "experiment.segment_search.light_segments=2"]

@@ -97,3 +97,19 @@ def plot_router_curve(curve_csv: Path, path: Path, title: str) -> Path:
     figure.suptitle(title)
     figure.tight_layout()
     return save_figure(figure, path)
+
+
+def plot_path_kl_per_step(curves: dict[str, Sequence[float]], path: Path, bins: int = 50) -> Path:
+    """Where along the trajectory each policy departs from all-heavy: mean path KL per sample in each of
+    ``bins`` equal spans of steps (t = 1 on the left), one line per policy."""
+    figure, axis = plt.subplots(figsize=(7, 4))
+    for label, per_step in curves.items():
+        values = torch.tensor(list(per_step), dtype=torch.float64)
+        span = max(1, -(-len(values) // bins))
+        binned = torch.nn.functional.pad(values, (0, (-len(values)) % span)).view(-1, span).sum(1)
+        axis.plot((torch.arange(len(binned)) * span + span / 2).tolist(), binned.tolist(), label=label, linewidth=1.3)
+    axis.set_xlabel("step (t = 1 -> 0)")
+    axis.set_ylabel(f"path KL per sample, nats per {span} steps")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    return save_figure(figure, path)

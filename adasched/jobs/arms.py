@@ -25,7 +25,7 @@ from adasched.analysis.evaluation import (
     sample_nll,
 )
 from adasched.analysis.path_kl import path_kl
-from adasched.analysis.plots import plot_schedule
+from adasched.analysis.plots import plot_path_kl_per_step, plot_schedule
 from adasched.data.tokenizer import load_tokenizer
 from adasched.errors import ConfigError
 from adasched.io import write_text_atomic
@@ -208,6 +208,8 @@ def evaluate_arm(
     if samples_path is not None:
         write_samples(samples_path, generation, texts, quality["nll"], setting.tokenizer)
     if schedule_path is not None:
+        if "path_kl" in record:
+            plot_path_kl_per_step({label: record["path_kl"]["per_step"]}, schedule_path.with_name(f"{schedule_path.stem}_path_kl.png"))
         shown = min(32, generation.actions.shape[1])
         plot_schedule(generation.actions, setting.names, f"{label}: model per step ({shown} of {generation.actions.shape[1]} samples)", schedule_path)
     return ArmOutcome(record, generation, texts)
