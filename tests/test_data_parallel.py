@@ -65,6 +65,7 @@ def run_job(tiny_family: Path, run_dir: Path, devices: int) -> dict:
     env = os.environ | {"WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, str(ROOT / "experiments" / "run.py"), *overrides, "logger.mode=disabled"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert not (run_dir / "run.log").exists()  # the console is the log: no empty file in every run folder
     return json.loads((run_dir / "results.json").read_text())
 
 
