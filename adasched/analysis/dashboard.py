@@ -27,7 +27,11 @@ from adasched.analysis.comparison import (
     load_rows,
     table_rows,
 )
-from adasched.analysis.plots import plot_arms, plot_quality_vs_compute
+from adasched.analysis.plots import (
+    plot_arms,
+    plot_path_kl_per_step,
+    plot_quality_vs_compute,
+)
 from adasched.analysis.segment_search import plot_analysis
 from adasched.errors import ConfigError
 from adasched.io import write_text_atomic
@@ -37,15 +41,22 @@ RESULTS_FILE = "results.json"  # the table a sweep (and a run) writes
 # Summary keys of every arm's W&B run: run_logging.flatten of its results.
 PPL_KEY = "gen_ppl/mean"
 SAVED_EXECUTED_KEY = "flops/saved_executed"
-RUN_TABLE_KEYS = (PPL_KEY, "gen_ppl/ci95", SAVED_EXECUTED_KEY, "flops/saved_nominal", "entropy/mean", "wall_s/sampling")
+RUN_TABLE_KEYS = (
+    PPL_KEY, "gen_ppl/ci95", "path_kl/per_sequence/mean", "path_kl/per_sequence/ci95", SAVED_EXECUTED_KEY, "flops/saved_nominal",
+    "entropy/mean", "wall_s/sampling",
+)
 
 HEADERS = {
     "label": "arm", "gen_ppl": "gen PPL (95% CI)", "diff_vs_reference": "paired diff vs reference (95% CI)",
     "paired_diff": "paired diff vs all-heavy", "entropy": "unigram entropy", "saved_nominal_%": "FLOPs saved nominal %",
     "saved_executed_%": "FLOPs saved executed %", "knob": "calibrated knob", "wall_s": "sampling wall s",
     "speedup_vs_reference": "speedup vs reference", "speedup": "speedup vs all-heavy",
+    "path_kl": "path KL, nats/sequence (95% CI)", "path_kl_diff": "paired path KL diff vs reference (95% CI)",
+    "path_kl_verdict": "path KL verdict",
 }
-INTERVALS = {"gen_ppl": "ci95", "diff_vs_reference": "diff_ci95"}  # a value column and its 95% half-width, shown as one cell
+INTERVALS = {  # a value column and its 95% half-width, shown as one cell
+    "gen_ppl": "ci95", "diff_vs_reference": "diff_ci95", "path_kl": "path_kl_ci95", "path_kl_diff": "path_kl_diff_ci95",
+}
 MODES = ("online", "offline", "disabled")
 
 
@@ -139,6 +150,9 @@ def write_local(experiment: Experiment, out: Path, command: str) -> Path:
     """The experiment's figures as PNGs and ``dashboard.md`` linking them, into ``out``; returns the markdown's path."""
     out.mkdir(parents=True, exist_ok=True)
     figures = [plot_quality_vs_compute(experiment.records, out / "quality_vs_compute.png"), plot_arms(experiment.records, out / "gen_ppl.png")]
+    curves = {r["label"]: r["path_kl"]["per_step"] for r in experiment.records if "path_kl" in r and r["path_kl"]["per_sequence"]["mean"] > 0}
+    if curves:
+        figures.append(plot_path_kl_per_step(curves, out / "path_kl_per_step.png"))
     if experiment.segment_search:
         figures += plot_analysis(experiment.records, out)
     path = out / MARKDOWN_FILE
