@@ -45,15 +45,22 @@ def plot_schedule(actions: torch.Tensor, names: Sequence[str], title: str, path:
 
 
 def plot_quality_vs_compute(rows: Sequence[dict], path: Path, saving_key: str = "saved_executed") -> Path:
-    """Generative perplexity (with 95% CI) against the FLOPs saved, one point per run."""
-    figure, axis = plt.subplots(figsize=(6, 4))
-    for row in rows:
-        x = 100 * row["flops"][saving_key]
-        axis.errorbar(x, row["gen_ppl"]["mean"], yerr=row["gen_ppl"]["ci95"], fmt="o", capsize=3)
-        axis.annotate(row["label"], (x, row["gen_ppl"]["mean"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
-    axis.set_xlabel(f"FLOPs saved ({saving_key.replace('_', ' ')}), %")
-    axis.set_ylabel("generative perplexity")
-    axis.grid(alpha=0.3)
+    """Quality against the FLOPs saved, one point per run: generative perplexity, and beside it the path KL to
+    the all-heavy sampler where the runs measured it (both with 95% intervals)."""
+    measures = [("gen_ppl", "generative perplexity", lambda row: row["gen_ppl"])]
+    if any("path_kl" in row for row in rows):
+        measures.append(("path_kl", "path KL to all-heavy, nats/sequence", lambda row: row["path_kl"]["per_sequence"]))
+    figure, axes = plt.subplots(1, len(measures), figsize=(6 * len(measures), 4), squeeze=False)
+    for axis, (key, label, value) in zip(axes[0], measures):
+        for index, row in enumerate(r for r in rows if key in r):
+            x, y = 100 * row["flops"][saving_key], value(row)
+            axis.errorbar(x, y["mean"], yerr=y["ci95"], fmt="o", capsize=3)
+            offset = (5, 5 + 9 * (index % 3))  # staggered, so labels of close points do not print over each other
+            axis.annotate(row["label"], (x, y["mean"]), textcoords="offset points", xytext=offset, fontsize=7)
+        axis.set_xlabel(f"FLOPs saved ({saving_key.replace('_', ' ')}), %")
+        axis.set_ylabel(label)
+        axis.grid(alpha=0.3)
+    figure.tight_layout()
     return save_figure(figure, path)
 
 
