@@ -2,7 +2,8 @@
 
 Its inputs are ``adasched.sampling.features.router_features`` of the ``DenoiseState``, the same columns the
 training environment (``adasched.rl.env``) shows the agent, so a trained router sees at sampling time
-exactly what it saw in training.
+exactly what it saw in training. The export holds only the PPO policy's actor, as safetensors weights and a
+JSON of its architecture and training metadata: loading a router runs no pickled code and needs no RL library.
 """
 
 from __future__ import annotations
@@ -12,8 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
 
 from adasched.errors import ConfigError
+from adasched.io import atomic_path, write_json_atomic
 from adasched.sampling.features import feature_names, router_features
 from adasched.sampling.policy import (
     ENTROPY,
@@ -23,16 +27,47 @@ from adasched.sampling.policy import (
     register_policy,
 )
 
-ROUTER_FILE = "router.zip"  # the SB3 PPO model
-INFO_FILE = "router.json"  # features, budget, lambda, sampling settings and training metadata
+WEIGHTS, METADATA = "router.safetensors", "router.json"
 TRAIN_COMMAND = "python experiments/train_router.py budget=0.25"
 
 
-def load_router_info(folder: Path) -> dict[str, Any]:
-    """The exported router's JSON; a missing export names the command that makes it."""
-    if not (folder / ROUTER_FILE).is_file() or not (folder / INFO_FILE).is_file():
-        raise ConfigError(f"no trained router in {folder} ({ROUTER_FILE}, {INFO_FILE}); make one with: {TRAIN_COMMAND} export_dir={folder}")
-    return json.loads((folder / INFO_FILE).read_text(encoding="utf-8"))
+class RouterNetwork(nn.Module):
+    """Router features -> one logit per family member: tanh hidden layers and a linear head, the shape of a
+    PPO ``MlpPolicy``'s actor, so its weights copy over one for one."""
+
+    def __init__(self, num_features: int, hidden: list[int], num_models: int) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = num_features
+        for size in hidden:
+            layers += [nn.Linear(width, size), nn.Tanh()]
+            width = size
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(width, num_models)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(features))
+
+
+def save(network: RouterNetwork, directory: Path, info: dict[str, Any]) -> None:
+    """Weights as safetensors and ``info`` (features, budget, training metadata) plus the architecture as JSON."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with atomic_path(directory / WEIGHTS) as partial:
+        save_file({k: v.detach().contiguous() for k, v in network.state_dict().items()}, partial)
+    hidden = [layer.out_features for layer in network.body if isinstance(layer, nn.Linear)]
+    write_json_atomic(directory / METADATA, {**info, "architecture": {"hidden": hidden, "activation": "tanh"}})
+
+
+def load(directory: Path) -> tuple[RouterNetwork, dict[str, Any]]:
+    """A router written by ``save``; a missing one, or one trained on other features, is a one-line ConfigError."""
+    if not (directory / WEIGHTS).is_file() or not (directory / METADATA).is_file():
+        raise ConfigError(f"no trained router in {directory} ({WEIGHTS}, {METADATA}); make one with: {TRAIN_COMMAND} export_dir={directory}")
+    info = json.loads((directory / METADATA).read_text(encoding="utf-8"))
+    if "num_models" not in info or info.get("features") != feature_names(info["num_models"]) or "architecture" not in info:
+        raise ConfigError(f"the router in {directory} was trained on other features or another format; retrain it with: {TRAIN_COMMAND} export_dir={directory}")
+    network = RouterNetwork(len(info["features"]), info["architecture"]["hidden"], info["num_models"])
+    network.load_state_dict(load_file(directory / WEIGHTS))
+    return network.eval(), info
 
 
 @register_policy("learned_router")
@@ -49,17 +84,9 @@ class LearnedRouter(Policy):
     knob_range = (-20.0, 20.0)
 
     def __init__(self, path: str, light_bias: float = 0.0, budget: float | None = None) -> None:
-        from stable_baselines3 import (
-            PPO,  # here, not at module level: importing policies stays light
-        )
-
         if budget is not None:
             check_budget(budget)
-        folder = Path(path)
-        self.info = load_router_info(folder)
-        if self.info.get("features") != feature_names(self.info["num_models"]):
-            raise ConfigError(f"the router in {folder} was trained on other features; retrain it with: {TRAIN_COMMAND} export_dir={folder}")
-        self.router = PPO.load(folder / ROUTER_FILE, device="cpu")
+        self.network, self.info = load(Path(path))
         self.light_bias, self.budget = light_bias, budget
 
     def set_knob(self, value: float) -> None:
@@ -71,8 +98,7 @@ class LearnedRouter(Policy):
             raise ConfigError(f"the learned router chooses among {self.info['num_models']} models but the family has {num_models}")
 
     def act(self, state: DenoiseState) -> torch.Tensor:
-        observation, _ = self.router.policy.obs_to_tensor(router_features(state, self.num_models).numpy())
         with torch.no_grad():
-            logits = self.router.policy.get_distribution(observation).distribution.logits.double().cpu()
+            logits = self.network(router_features(state, self.num_models)).double()
         logits[:, 1:] += self.light_bias
         return logits.argmax(dim=1).to(state.step.device)

@@ -129,7 +129,8 @@ def test_train_export_resume_and_the_policy_acts_like_the_router(tiny_family: Pa
     assert all(0 <= float(row["path_kl"]) and float(row["lambda"]) >= 0 for row in curve)
 
     policy = make_policy("learned_router", path=str(tmp_path / "router"))
-    router = PPO.load(tmp_path / "router" / "router.zip", device="cpu")
+    assert not (tmp_path / "router" / "router.zip").exists()  # the export holds no pickle: safetensors and JSON only
+    router = PPO.load(tmp_path / "run" / "checkpoints" / f"router_{info['timesteps']}_steps.zip", device="cpu")  # the trained PPO itself
     policy.reset(20, 2)
     for state in synthetic_states(8, 20, 2, seed=0):
         expected = router.predict(router_features(state, 2).numpy(), deterministic=True)[0]

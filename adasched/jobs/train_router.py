@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import stable_baselines3
 import torch
+from torch import nn
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from stable_baselines3 import PPO
@@ -44,7 +45,7 @@ from adasched.rl.env import (
 from adasched.sampling.features import feature_names
 from adasched.sampling.policy import check_budget
 from adasched.sampling.spec import SamplingSpec
-from policies.learned import INFO_FILE, ROUTER_FILE
+from policies import learned
 
 CHECKPOINT_PREFIX = "router"
 
@@ -180,14 +181,24 @@ def command_line() -> str:
     return " ".join(["python experiments/train_router.py", *overrides])
 
 
+def actor_network(model: PPO) -> learned.RouterNetwork:
+    """The PPO policy's actor (what acts deterministically) as a plain ``RouterNetwork`` with the same weights."""
+    policy = model.policy
+    if policy.activation_fn is not nn.Tanh or not policy.share_features_extractor:
+        raise ConfigError("the router export copies a tanh MlpPolicy with a shared flatten extractor; keep PPO's defaults")
+    hidden = [layer.out_features for layer in policy.mlp_extractor.policy_net if isinstance(layer, nn.Linear)]
+    network = learned.RouterNetwork(policy.observation_space.shape[0], hidden, int(policy.action_space.n))
+    network.body.load_state_dict(policy.mlp_extractor.policy_net.state_dict())
+    network.head.load_state_dict(policy.action_net.state_dict())
+    return network.eval()
+
+
 def export_router(model: PPO, export_dir: Path, info: dict[str, Any], curve: Path) -> Path:
-    """Write the SB3 zip, its JSON (what ``policies.learned.LearnedRouter`` loads) and the training curve with
-    its figure, as one folder, atomically."""
+    """Write the router (``policies.learned``'s safetensors and JSON) and the training curve with its figure,
+    as one folder, atomically."""
     export_dir.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(export_dir) as partial:
-        partial.mkdir()
-        model.save(partial / ROUTER_FILE)
-        write_json_atomic(partial / INFO_FILE, info)
+        learned.save(actor_network(model), partial, info)
         if curve.exists():
             shutil.copyfile(curve, partial / CURVE_FILE)
             plot_router_curve(curve, partial / CURVE_PLOT, f"learned_router, budget {info['budget']}")
