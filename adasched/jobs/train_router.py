@@ -20,13 +20,13 @@ from typing import Any
 import numpy as np
 import stable_baselines3
 import torch
-from torch import nn
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import BaseCallback, CheckpointCallback
 from stable_baselines3.common.logger import KVWriter, Logger, configure
 from stable_baselines3.common.vec_env import VecMonitor
+from torch import nn
 
 from adasched.analysis.evaluation import load_evaluator
 from adasched.analysis.plots import plot_router_curve
