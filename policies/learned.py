@@ -28,7 +28,7 @@ from adasched.sampling.policy import (
 )
 
 WEIGHTS, METADATA = "router.safetensors", "router.json"
-TRAIN_COMMAND = "python experiments/train_router.py budget=0.25"
+TRAIN_COMMAND = "python experiments/train_router.py budget=0.17"
 
 
 class RouterNetwork(nn.Module):
@@ -70,6 +70,21 @@ def load(directory: Path) -> tuple[RouterNetwork, dict[str, Any]]:
     return network.eval(), info
 
 
+def router_for_budget(path: Path, budget: float | None) -> Path:
+    """``path`` when it holds a router; when it holds one router per budget (subfolders), the one trained for
+    the budget nearest ``budget``: a router trained at the target needs the least calibration."""
+    if (path / METADATA).is_file() or not path.is_dir():
+        return path
+    budgets = {float(json.loads((folder / METADATA).read_text(encoding="utf-8"))["budget"]): folder for folder in sorted(path.iterdir()) if (folder / METADATA).is_file()}
+    if not budgets:
+        return path  # ``load`` names what is missing
+    if budget is None:
+        if len(budgets) == 1:
+            return next(iter(budgets.values()))
+        raise ConfigError(f"{path} holds routers trained for budgets {', '.join(f'{b:g}' for b in sorted(budgets))}; pass budget=<fraction> or a path to one of them")
+    return budgets[min(budgets, key=lambda trained: abs(trained - budget))]
+
+
 @register_policy("learned_router")
 class LearnedRouter(Policy):
     """Acts deterministically with an exported PPO router, per row and step: the most likely model after
@@ -86,7 +101,7 @@ class LearnedRouter(Policy):
     def __init__(self, path: str, light_bias: float = 0.0, budget: float | None = None) -> None:
         if budget is not None:
             check_budget(budget)
-        self.network, self.info = load(Path(path))
+        self.network, self.info = load(router_for_budget(Path(path), budget))
         self.light_bias, self.budget = light_bias, budget
 
     def set_knob(self, value: float) -> None:

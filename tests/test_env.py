@@ -27,12 +27,12 @@ from adasched.rl.env import (
     ModelScheduleVecEnv,
     evaluator_scorer,
 )
-from adasched.sampling.features import router_features
+from adasched.sampling.features import feature_names, router_features
 from adasched.sampling.policy_check import check_policy, synthetic_states
 from adasched.sampling.reference import reference_sample
 from adasched.sampling.spec import SamplingSpec
 from adasched.sampling.trajectory import sample
-from policies import make_policy
+from policies import learned, make_policy
 from tests.helpers import compose_config, meter
 
 STEPS, SEQ_LEN = 10, 16
@@ -157,3 +157,18 @@ def test_missing_router_and_bad_budget_fail_on_one_line(tiny_family: Path, tmp_p
     (tmp_path / "run" / "checkpoints" / "router_64_steps.zip").touch()
     with pytest.raises(ConfigError, match="already holds a run"):
         train_router(router_config(tiny_family, tmp_path, "resume=false"))
+
+
+def test_a_folder_of_routers_serves_the_one_trained_nearest_the_budget(tmp_path: Path) -> None:
+    names = feature_names(2)
+    for budget, light_bias in ((0.17, -5.0), (0.33, 5.0)):  # heads that always pick heavy, always light
+        network = learned.RouterNetwork(len(names), [4], 2)
+        torch.nn.init.zeros_(network.head.weight)
+        network.head.bias.data = torch.tensor([0.0, light_bias])
+        learned.save(network, tmp_path / f"budget{budget}", {"features": names, "num_models": 2, "budget": budget})
+    for budget, model in ((0.2, 0), (0.3, 1)):
+        policy = make_policy("learned_router", path=str(tmp_path), budget=budget)
+        policy.reset(20, 2)
+        assert policy.info["budget"] in (0.17, 0.33) and all(bool((policy.act(state) == model).all()) for state in synthetic_states(4, 20, 2, seed=0))
+    with pytest.raises(ConfigError, match=f"{tmp_path} holds routers trained for budgets 0.17, 0.33; pass budget="):
+        make_policy("learned_router", path=str(tmp_path))
