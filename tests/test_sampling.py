@@ -11,6 +11,7 @@ from scipy.stats import chi2
 
 from adasched.errors import ConfigError
 from adasched.models import MDLMDenoiser
+from adasched.sampling import trajectory
 from adasched.sampling.policy import ENTROPY, PROBE_ENTROPY, DenoiseState, Policy
 from adasched.sampling.reference import reference_sample, step_sample
 from adasched.sampling.spec import SamplingSpec
@@ -71,6 +72,18 @@ def test_event_step_and_reference_samplers_give_identical_tokens(name: str, kwar
     assert not (runs[0].tokens == MASK).any()
     decided = runs[0].actions >= 0  # a decision exactly where a row reveals
     assert torch.equal(decided, (runs[0].reveal_step.T[None] == torch.arange(50)[:, None, None]).any(1))
+
+
+def test_cpu_forwards_split_into_chunks_give_identical_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
+    models = family()
+    seeds = torch.arange(100, 112)
+    reference = reference_sample(models, make_policy("static_sandwich"), seeds, spec(), meter(models))
+    monkeypatch.setattr(trajectory, "CPU_FORWARD_TOKENS", 2 * 16)  # two rows of 16 tokens per call: a 5-row forward splits in 3
+    rows_per_call: list[int] = []
+    for model in models:
+        monkeypatch.setattr(model, "hidden_states", lambda z, t, trunk=model.hidden_states: rows_per_call.append(len(z)) or trunk(z, t))
+    assert_identical_runs([reference, sample(models, make_policy("static_sandwich"), seeds, spec(), meter(models))])
+    assert max(rows_per_call) == 2  # without the split, calls of up to 5 rows
 
 
 DYNAMIC_POLICIES = [
