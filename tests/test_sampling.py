@@ -244,3 +244,22 @@ def test_bad_sampling_arguments_fail_by_name(kwargs: dict, message: str) -> None
     arguments = {"num_steps": 10, "seq_len": 16, "top_p": 1.0} | kwargs
     with pytest.raises(ConfigError, match=message):
         sample(models, make_policy("static_heavy"), torch.arange(2), SamplingSpec(**arguments), meter(models))
+
+
+class Constant(Policy):
+    """Every row gets ``index``, valid or not."""
+
+    name = "constant"
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+    def act(self, state: DenoiseState) -> torch.Tensor:
+        return torch.full_like(state.step, self.index)
+
+
+@pytest.mark.parametrize("index", [-1, 2])
+def test_an_action_outside_the_family_is_a_one_line_error(index: int) -> None:
+    models = family()
+    with pytest.raises(ValueError, match=r"action must hold 3 model indices in \[0, 2\), got \[" + str(index)):
+        sample(models, Constant(index), torch.arange(3), spec(batch_size=3), meter(models))

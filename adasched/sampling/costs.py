@@ -28,38 +28,43 @@ class CostMeter:
         self.names, self.blocks, self.time_models = list(names), list(blocks), time_models
         self.batched_forwards = [0] * len(names)  # model calls, counted on the host as they are launched
         self._device: torch.device | None = None
+        self._depth: torch.Tensor | None = None  # the members' depths on the device, once
         self._totals: dict[str, torch.Tensor] = {}
         self._wall_s = [0.0] * len(names)
         self._events: list[tuple[int, torch.cuda.Event, torch.cuda.Event]] = []
 
-    def _add(self, name: str, value: torch.Tensor, index: int | None = None) -> None:
-        """Add ``value`` (a device scalar) to counter ``name`` (per model when ``index`` is given)."""
+    def _add(self, name: str, value: torch.Tensor | float, index: int | None = None, device: torch.device | None = None) -> None:
+        """Add ``value`` (a device scalar, or a host number added on ``device``) to counter ``name`` (per model
+        when ``index`` is given). A host number goes to the device as a kernel argument, not a copy."""
         if self._device is None:
-            self._device = value.device
+            self._device = value.device if isinstance(value, torch.Tensor) else device
         if name not in self._totals:
             shape = (len(self.names),) if name in ("flops", "forwards") else ()
             self._totals[name] = torch.zeros(shape, dtype=torch.float64, device=self._device)
         target = self._totals[name]
+        if isinstance(value, torch.Tensor):
+            value = value.to(torch.float64)
         if index is None:
-            target += value.to(torch.float64)
+            target += value
         else:
-            target[index] += value.to(torch.float64)
+            target[index] += value
 
-    def add_forward(self, model: int, rows: int, flops: torch.Tensor) -> None:
-        """One call of ``model`` on ``rows`` rows that executed ``flops`` (a device scalar)."""
-        self._add("flops", flops, model)
-        self._add("forwards", torch.tensor(float(rows), device=flops.device), model)
+    def add_forward(self, model: int, rows: int, flops: float, device: torch.device) -> None:
+        """One call of ``model`` on ``rows`` rows, on ``device``, that executed ``flops``."""
+        self._add("flops", flops, model, device)
+        self._add("forwards", float(rows), model, device)
         self.batched_forwards[model] += 1
 
-    def add_baseline(self, flops: torch.Tensor) -> None:
+    def add_baseline(self, flops: float, device: torch.device) -> None:
         """What all-heavy would have executed for the same rows and projections (probes excluded)."""
-        self._add("baseline", flops)
+        self._add("baseline", flops, device=device)
 
-    def record_decisions(self, action: torch.Tensor) -> None:
-        """Count the models chosen for rows that reveal: the nominal saving averages over these decisions."""
-        depth = torch.tensor(self.blocks, dtype=torch.float64, device=action.device)
-        self._add("nominal", (1 - depth[action] / depth[0]).sum())
-        self._add("decisions", torch.tensor(float(len(action)), device=action.device))
+    def record_decisions(self, action: torch.Tensor, decided: torch.Tensor) -> None:
+        """Count the models chosen for the rows that reveal (``decided``): the nominal saving averages over these."""
+        if self._depth is None:
+            self._depth = torch.tensor(self.blocks, dtype=torch.float64, device=action.device)
+        self._add("nominal", torch.where(decided, 1 - self._depth[action] / self._depth[0], 0.0).sum())
+        self._add("decisions", decided.sum())
 
     @contextmanager
     def timed(self, model: int, device: torch.device) -> Iterator[None]:

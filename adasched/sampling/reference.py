@@ -22,7 +22,12 @@ from functools import partial
 import torch
 
 from adasched.sampling.random_streams import REVEAL, uniforms
-from adasched.sampling.trajectory import Trajectory, mean_entropy_per_row, sample
+from adasched.sampling.trajectory import (
+    StepCounts,
+    Trajectory,
+    mean_entropy_per_row,
+    sample,
+)
 
 
 class LockstepTrajectory(Trajectory):
@@ -76,7 +81,7 @@ class ReferenceTrajectory(LockstepTrajectory):
         self._cached_logits = None
 
     def full_logits(self, model_index: int, slots: torch.Tensor, steps: torch.Tensor, probe: bool = False) -> torch.Tensor:
-        everywhere = torch.ones(len(slots), self.spec.seq_len, dtype=torch.bool, device=self.device)
+        everywhere = torch.arange(len(slots) * self.spec.seq_len, device=self.device)
         t = 1.0 - steps.double() / self.spec.num_steps
         return self.forward(model_index, slots, t, everywhere, probe).view(len(slots), self.spec.seq_len, -1)
 
@@ -89,14 +94,14 @@ class ReferenceTrajectory(LockstepTrajectory):
         time_dependent = any(self.models[m].config.time_conditioning for m in action.unique().tolist())
         return self._cached_logits is not None and torch.equal(action, self._cached_action) and not time_dependent
 
-    def denoise(self, slots: torch.Tensor, steps: torch.Tensor, reveal: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+    def denoise(self, slots: torch.Tensor, steps: torch.Tensor, reveal: torch.Tensor, action: torch.Tensor, counts: StepCounts) -> torch.Tensor:
         if not self.cache_is_valid(action):
             logits = None
             for model_index in action.unique().tolist():
                 rows = (action == model_index).nonzero(as_tuple=True)[0]
                 if self._probe_logits is not None and model_index == self.probe_model:
                     part = self._probe_logits[rows]  # the probe already ran this model on these rows
-                    self.charge_baseline(len(rows), torch.tensor(len(rows) * self.spec.seq_len, device=self.device))
+                    self.charge_baseline(len(rows), len(rows) * self.spec.seq_len)
                 else:
                     part = self.full_logits(model_index, slots[rows], steps[rows])
                 if logits is None:
@@ -105,7 +110,7 @@ class ReferenceTrajectory(LockstepTrajectory):
             self._cached_logits, self._cached_action = logits, action
         self._probe_logits = None
         masked = self.tokens[slots] == self.mask_id
-        entropy = self.draw(self._cached_logits[masked], slots, steps, masked, keep=reveal[masked])
+        entropy = self.draw(self._cached_logits[masked], slots, steps, masked.flatten().nonzero().squeeze(1), keep=reveal[masked])
         if reveal.any():
             self._cached_logits = None  # the batch changed: MDLM's cache is dropped
         return entropy
@@ -120,11 +125,11 @@ class StepTrajectory(LockstepTrajectory):
         entropy[active] = self.probe_revealed(slots[active], steps[active], reveal[active])
         return entropy
 
-    def denoise(self, slots: torch.Tensor, steps: torch.Tensor, reveal: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+    def denoise(self, slots: torch.Tensor, steps: torch.Tensor, reveal: torch.Tensor, action: torch.Tensor, counts: StepCounts) -> torch.Tensor:
         active = reveal.any(1).nonzero(as_tuple=True)[0]
         entropy = torch.full((len(slots),), float("nan"), dtype=torch.float64, device=self.device)
         if len(active):
-            entropy[active] = self.denoise_revealed(slots[active], steps[active], reveal[active], action[active])
+            entropy[active] = self.denoise_revealed(slots[active], steps[active], reveal[active], action[active], counts)
         return entropy
 
 

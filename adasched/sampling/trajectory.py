@@ -101,6 +101,14 @@ def mean_entropy_per_row(probs: torch.Tensor, rows: torch.Tensor, num_rows: int)
     return total / count  # NaN where a row had no positions
 
 
+@dataclass
+class StepCounts:
+    """Per model, the rows of a step that reveal and the positions they reveal: the step's forward shapes."""
+
+    rows: list[int]
+    positions: list[int]
+
+
 class Trajectory(ABC):
     """Samples being denoised, stepped from outside: ``begin_step`` -> the policy decides -> ``advance``.
 
@@ -131,9 +139,11 @@ class Trajectory(ABC):
         self.prefix_len = 0 if prompts is None else prompts.shape[1]
         self.positions = torch.arange(spec.seq_len, device=self.device)
         self.model_flops = tuple(float(m.flops_per_forward(spec.seq_len, spec.seq_len)) for m in models)
-        trunk = [m.flops_per_forward(spec.seq_len, 0) for m in models]
-        self.trunk_flops = torch.tensor(trunk, dtype=torch.float64, device=self.device)
-        self.projection_flops = torch.tensor([m.flops_per_forward(spec.seq_len, 1) - f for m, f in zip(models, trunk)], dtype=torch.float64, device=self.device)
+        # per model: a forward's trunk and one projected position, on the host (whole forwards) and the device (per row)
+        self.trunk = [float(m.flops_per_forward(spec.seq_len, 0)) for m in models]
+        self.projection = [float(m.flops_per_forward(spec.seq_len, 1)) - f for m, f in zip(models, self.trunk)]
+        self.trunk_flops = torch.tensor(self.trunk, dtype=torch.float64, device=self.device)
+        self.projection_flops = torch.tensor(self.projection, dtype=torch.float64, device=self.device)
         # the samples: given up front or enqueued later (an environment's next episodes)
         self.seeds = torch.zeros(0, dtype=torch.int64, device=self.device)
         self.prompts = None if prompts is None else torch.zeros(0, self.prefix_len, dtype=torch.int64, device=self.device)
@@ -187,6 +197,14 @@ class Trajectory(ABC):
         self.previous_mask[slots] = 1.0
         self.row_flops[slots] = 0.0
         self.row_all_heavy[slots] = 0.0
+
+    def to_device(self, values: list[int]) -> torch.Tensor:
+        """Host indices as an int64 tensor on the models' device; to a GPU through pinned memory, asynchronously
+        (a copy from pageable memory would wait for the device to finish its queue)."""
+        host = torch.tensor(values, dtype=torch.int64)
+        if self.device.type != "cuda":
+            return host.to(self.device)
+        return host.pin_memory().to(self.device, non_blocking=True)
 
     def unload(self, slots: torch.Tensor) -> None:
         """Keep the finished samples of ``slots`` and empty the slots."""
@@ -243,12 +261,14 @@ class Trajectory(ABC):
             raise RuntimeError("advance() needs begin_step() first")
         slots, steps, reveal, state, probe_flops = self._decision
         action = action.to(self.device)
-        if action.shape != (len(slots),) or int(action.min()) < 0 or int(action.max()) >= len(self.models):
+        if action.shape != (len(slots),):
             raise ValueError(f"action must hold {len(slots)} model indices in [0, {len(self.models)}), got {action.tolist()}")
         decided = state.reveal_count > 0  # rows that reveal: every row of the event sampler, some of the reference's
-        self.meter.record_decisions(action[decided])
-        self.actions_out[steps[decided], self.sample_of[slots[decided]]] = action[decided]
-        entropy = self.denoise(slots, steps, reveal, action)
+        counts = self.step_counts(action, decided, state.reveal_count)
+        self.meter.record_decisions(action, decided)
+        samples = self.sample_of[slots]
+        self.actions_out[steps, samples] = torch.where(decided, action, self.actions_out[steps, samples])
+        entropy = self.denoise(slots, steps, reveal, action, counts)
         flops, all_heavy = self.note_forward(slots, action, state.reveal_count)
         self.last_action[slots] = torch.where(decided, action, self.last_action[slots])
         self.last_entropy[slots] = torch.where(decided, entropy, self.last_entropy[slots])
@@ -256,6 +276,18 @@ class Trajectory(ABC):
         self._decision = None
         self.after_step(slots)
         return StepOutput(state.reveal_count, entropy, flops + probe_flops, all_heavy)
+
+    def step_counts(self, action: torch.Tensor, decided: torch.Tensor, revealed: torch.Tensor) -> StepCounts:
+        """Rows that reveal and positions they reveal, per model: the shapes of the step's forwards, read from the
+        device in one transfer (the loop's one synchronization). An index outside the family is a ValueError."""
+        num_models = len(self.models)
+        bins = action.clamp(-1, num_models) + 1  # 0 and num_models + 1 collect indices outside [0, num_models)
+        rows = torch.bincount(bins, weights=decided.double(), minlength=num_models + 2)
+        positions = torch.bincount(bins, weights=revealed.double(), minlength=num_models + 2)
+        counts = [[round(value) for value in row] for row in torch.stack([rows, positions]).tolist()]
+        if counts[0][0] or counts[0][-1] or counts[1][0] or counts[1][-1]:
+            raise ValueError(f"action must hold {len(action)} model indices in [0, {num_models}), got {action.tolist()}")
+        return StepCounts(counts[0][1:-1], counts[1][1:-1])
 
     def note_forward(self, slots: torch.Tensor, model: torch.Tensor | int, revealed: torch.Tensor, probe: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Add the rows' forwards to their policy-visible costs, at the event-driven sampler's prices.
@@ -271,8 +303,8 @@ class Trajectory(ABC):
         self.row_all_heavy[slots] += all_heavy
         return flops, all_heavy
 
-    def forward(self, model_index: int, slots: torch.Tensor, t: torch.Tensor, positions: torch.Tensor, probe: bool = False) -> torch.Tensor:
-        """Logits of model ``model_index`` for ``slots`` at the (len(slots), L) ``positions``, charged.
+    def forward(self, model_index: int, slots: torch.Tensor, t: torch.Tensor, flat: torch.Tensor, probe: bool = False) -> torch.Tensor:
+        """Logits of model ``model_index`` for ``slots`` at the positions ``flat`` (row * L + column, row-major), charged.
 
         A ``probe`` forward is charged to the model but not to the all-heavy baseline: all-heavy would not
         have probed, so the probe's cost shows up as FLOPs not saved.
@@ -280,24 +312,24 @@ class Trajectory(ABC):
         model = self.models[model_index]
         rows = max(1, len(slots) if self.device.type != "cpu" else CPU_FORWARD_TOKENS // self.spec.seq_len)
         with self.meter.timed(model_index, self.device):
-            logits = torch.cat([
-                model.project(model.hidden_states(self.tokens[slots[start : start + rows]], t[start : start + rows])[positions[start : start + rows]])
-                for start in range(0, max(1, len(slots)), rows)  # a call with no rows still yields its empty logits
+            hidden = torch.cat([
+                model.hidden_states(self.tokens[slots[start : start + rows]], t[start : start + rows])
+                for start in range(0, max(1, len(slots)), rows)  # a call with no rows still yields its empty states
             ])
-        projected = positions.sum()
-        self.meter.add_forward(model_index, len(slots), self.trunk_flops[model_index] * len(slots) + self.projection_flops[model_index] * projected)
+            logits = model.project(hidden.flatten(0, 1)[flat])
+        self.meter.add_forward(model_index, len(slots), self.trunk[model_index] * len(slots) + self.projection[model_index] * len(flat), self.device)
         if not probe:
-            self.charge_baseline(len(slots), projected)
+            self.charge_baseline(len(slots), len(flat))
         return logits
 
-    def charge_baseline(self, rows: int, projected: torch.Tensor) -> None:
+    def charge_baseline(self, rows: int, projected: int) -> None:
         """What model 0 would have executed for ``rows`` rows projecting ``projected`` positions in all."""
-        self.meter.add_baseline(self.trunk_flops[0] * rows + self.projection_flops[0] * projected)
+        self.meter.add_baseline(self.trunk[0] * rows + self.projection[0] * projected, self.device)
 
-    def draw(self, logits: torch.Tensor, slots: torch.Tensor, steps: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
-        """Sample tokens at ``positions`` (row-major, as ``logits``) and write them, or only the ``keep`` ones
-        of them (MDLM draws at every masked position and keeps the revealing ones); per-row mean entropy."""
-        rows, columns = positions.nonzero(as_tuple=True)
+    def draw(self, logits: torch.Tensor, slots: torch.Tensor, steps: torch.Tensor, flat: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Sample tokens at the positions ``flat`` (row * L + column, as ``logits``) and write them, or only the
+        ``keep`` ones of them (MDLM draws at every masked position and keeps the revealing ones); per-row mean entropy."""
+        rows, columns = flat // self.spec.seq_len, flat % self.spec.seq_len
         u = uniforms_at(self.row_seeds[slots][rows], steps[rows], columns, TOKEN)
         drawn, probs = sample_categorical(logits, u, self.spec.top_p)
         if keep is not None:
@@ -310,29 +342,33 @@ class Trajectory(ABC):
     def probe_revealed(self, slots: torch.Tensor, steps: torch.Tensor, reveal: torch.Tensor) -> torch.Tensor:
         """``probe`` projecting only the revealing positions; keeps the logits for rows that stay on the probe model."""
         t = 1.0 - steps.double() / self.spec.num_steps
-        logits = self.forward(self.probe_model, slots, t, reveal, probe=True)
-        rows = reveal.nonzero(as_tuple=True)[0]
-        self._probe_logits = logits
+        flat = reveal.flatten().nonzero().squeeze(1)  # a probe's shape is read before the policy acts: one more sync
+        logits = self.forward(self.probe_model, slots, t, flat, probe=True)
+        rows = flat // self.spec.seq_len
+        self._probe_logits, self._probe_rows = logits, rows
         return mean_entropy_per_row(torch.softmax(logits.double(), -1), rows, len(slots))
 
-    def denoise_revealed(self, slots: torch.Tensor, steps: torch.Tensor, reveal: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
-        """``denoise`` with one forward per chosen model over its rows, projecting only the revealing positions."""
+    def denoise_revealed(self, slots: torch.Tensor, steps: torch.Tensor, reveal: torch.Tensor, action: torch.Tensor, counts: StepCounts) -> torch.Tensor:
+        """``denoise`` with one forward per chosen model over its rows, projecting only the revealing positions.
+
+        Every row reveals. The shapes come from ``counts``, so selecting rows and positions waits for nothing.
+        """
         entropy = torch.full((len(slots),), float("nan"), dtype=torch.float64, device=self.device)
         t = 1.0 - steps.double() / self.spec.num_steps
-        counts = torch.bincount(action, minlength=len(self.models)).tolist()  # the step's one synchronization
-        for model_index, count in enumerate(counts):
+        for model_index, (count, projected) in enumerate(zip(counts.rows, counts.positions)):
             if not count:
                 continue
-            rows = (action == model_index).nonzero(as_tuple=True)[0]
-            group_reveal = reveal[rows]
+            chosen = action == model_index
+            rows = torch.nonzero_static(chosen, size=count).squeeze(1)
+            flat = torch.nonzero_static(reveal[rows].flatten(), size=projected).squeeze(1)
             if PROBE_ENTROPY in self.features and model_index == self.probe_model:
-                owner = reveal.nonzero(as_tuple=True)[0]
-                logits = self._probe_logits[(action == model_index)[owner]]  # the probe ran this model here: reuse it
-                self.charge_baseline(count, group_reveal.sum())
+                mine = torch.nonzero_static(chosen[self._probe_rows], size=projected).squeeze(1)
+                logits = self._probe_logits[mine]  # the probe ran this model on these rows: reuse its logits
+                self.charge_baseline(count, projected)
             else:
-                logits = self.forward(model_index, slots[rows], t[rows], group_reveal)
-            entropy[rows] = self.draw(logits, slots[rows], steps[rows], group_reveal)
-        self._probe_logits = None
+                logits = self.forward(model_index, slots[rows], t[rows], flat)
+            entropy[rows] = self.draw(logits, slots[rows], steps[rows], flat)
+        self._probe_logits = self._probe_rows = None
         return entropy
 
     @abstractmethod
@@ -340,7 +376,7 @@ class Trajectory(ABC):
         """(R,) mean entropy of the probe model's prediction at the positions revealing now (NaN where none)."""
 
     @abstractmethod
-    def denoise(self, slots: torch.Tensor, steps: torch.Tensor, reveal: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+    def denoise(self, slots: torch.Tensor, steps: torch.Tensor, reveal: torch.Tensor, action: torch.Tensor, counts: StepCounts) -> torch.Tensor:
         """Write the revealed tokens; returns (R,) mean entropy of the draws (NaN where none or not wanted)."""
 
     def after_step(self, slots: torch.Tensor) -> None:
@@ -354,8 +390,9 @@ class EventTrajectory(Trajectory):
     """adasched's sampler: every step moves each row to its own next reveal, one forward per chosen model.
 
     Which rows finish when is known from the reveal plan, on the host, so the loop never waits for the
-    device to learn it, nor for costs (they stay on the device); what remains are the shapes of a step's
-    forwards (rows per model, positions to project), read once per model and step.
+    device to learn it, nor for costs (they stay on the device), and new rows' indices go to a GPU
+    asynchronously. What remains is one read per step: the shapes of its forwards (rows and positions per
+    model, ``step_counts``), which depend on the policy's choice. A probe reads its own shape once more.
     """
 
     def __init__(self, *args: object, **kwargs: object) -> None:
@@ -392,8 +429,8 @@ class EventTrajectory(Trajectory):
             slots.append(slot)
             samples.append(sample)
         if slots:
-            self.load(torch.tensor(slots, device=self.device), torch.tensor(samples, device=self.device))
-            self._busy = torch.tensor(self.busy_slots, device=self.device, dtype=torch.int64)
+            self.load(self.to_device(slots), self.to_device(samples))
+            self._busy = self.to_device(self.busy_slots)
 
     @property
     def done(self) -> bool:
@@ -421,8 +458,8 @@ class EventTrajectory(Trajectory):
     def probe(self, slots: torch.Tensor, steps: torch.Tensor, reveal: torch.Tensor) -> torch.Tensor:
         return self.probe_revealed(slots, steps, reveal)
 
-    def denoise(self, slots: torch.Tensor, steps: torch.Tensor, reveal: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
-        return self.denoise_revealed(slots, steps, reveal, action)
+    def denoise(self, slots: torch.Tensor, steps: torch.Tensor, reveal: torch.Tensor, action: torch.Tensor, counts: StepCounts) -> torch.Tensor:
+        return self.denoise_revealed(slots, steps, reveal, action, counts)
 
     def after_step(self, slots: torch.Tensor) -> None:
         finished = []
@@ -431,8 +468,8 @@ class EventTrajectory(Trajectory):
             if not self.events_left[slot]:
                 finished.append(slot)
         if finished:
-            self.unload(torch.tensor(finished, device=self.device))
-            self._busy = torch.tensor(self.busy_slots, device=self.device, dtype=torch.int64)
+            self.unload(self.to_device(finished))
+            self._busy = self.to_device(self.busy_slots)
             self.fill()
 
 
