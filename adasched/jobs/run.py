@@ -97,6 +97,6 @@ def print_summary(results: dict[str, Any]) -> None:
         lines.append(f"vs all-heavy        PPL {diff['mean']:+.2f} +- {diff['ci95']:.2f} (paired)")
         lines.append(
             f"wall speedup        {results['speedup_vs_all_heavy']:.2f}x for {100 * results['flops']['saved_executed']:.1f}% of FLOPs saved "
-            "(one timing each, not yet checked against experiments/benchmark.py: treat it as rough)"
+            "(one timing of each arm after the same warm-up; experiments/benchmark.py repeats them)"
         )
     print("\n".join(lines))
