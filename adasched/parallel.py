@@ -95,13 +95,14 @@ class _Sampling(_ShardedPredict):
 
 
 class _Scoring(_ShardedPredict):
-    def __init__(self, texts: list[str], evaluator: nn.Module, tokenizer: Any, batch_size: int) -> None:
+    def __init__(self, texts: list[str], evaluator: nn.Module, tokenizer: Any, batch_size: int, contexts: list[str] | None) -> None:
         super().__init__(len(texts), batch_size)
-        self.texts, self.evaluator, self.tokenizer = texts, evaluator, tokenizer
+        self.texts, self.evaluator, self.tokenizer, self.contexts = texts, evaluator, tokenizer, contexts
 
     def predict_share(self, indices: torch.Tensor) -> SampleScores:
-        texts = [self.texts[i] for i in indices.tolist()]
-        return sample_nll(texts, self.evaluator, self.tokenizer, len(texts), None, self.device)
+        share = indices.tolist()
+        contexts = None if self.contexts is None else [self.contexts[i] for i in share]
+        return sample_nll([self.texts[i] for i in share], self.evaluator, self.tokenizer, len(share), None, self.device, contexts)
 
 
 def generate_data_parallel(
@@ -124,9 +125,12 @@ def generate_data_parallel(
     return Generation(seeds, tokens, reveal_step, actions, prefix_len, max(wall_per_rank))
 
 
-def score_data_parallel(trainer: L.Trainer, texts: list[str], evaluator: nn.Module, tokenizer: Any, batch_size: int) -> SampleScores:
-    """``sample_nll`` of ``texts`` under the evaluator, spread over the trainer's processes, in text order."""
-    module = _Scoring(texts, evaluator, tokenizer, batch_size)
+def score_data_parallel(
+    trainer: L.Trainer, texts: list[str], evaluator: nn.Module, tokenizer: Any, batch_size: int, contexts: list[str] | None = None
+) -> SampleScores:
+    """``sample_nll`` of ``texts`` (continuing ``contexts``, if given) under the evaluator, spread over the
+    trainer's processes, in text order."""
+    module = _Scoring(texts, evaluator, tokenizer, batch_size, contexts)
     trainer.predict(module, return_predictions=False)
     position = module.in_index_order()
     scores = [output for _, _, output in module.gathered]

@@ -93,6 +93,23 @@ def test_a_text_longer_than_the_context_is_scored_over_all_its_tokens(loaded) ->
     assert shorter.tokens.item() == len(ids) and not torch.isclose(shorter.nll, scores.nll[1:]).item()
 
 
+def test_a_continuation_scored_after_its_prompt_obeys_the_chain_rule(loaded) -> None:
+    """NLL(prompt) + NLL(continuation | prompt) = NLL(prompt + continuation), where the tokens split cleanly."""
+    model, tokenizer = loaded
+    prompt, continuation = "the cat sat", " on the mat"
+    prompt_ids, continuation_ids = (tokenizer(text, add_special_tokens=False)["input_ids"] for text in (prompt, continuation))
+    assert tokenizer(prompt + continuation, add_special_tokens=False)["input_ids"] == prompt_ids + continuation_ids
+    whole, alone, conditioned = (
+        sample_nll([text], model, tokenizer, 1, None, "cpu", contexts) for text, contexts in
+        ((prompt + continuation, None), (prompt, None), (continuation, [prompt]))
+    )
+    assert conditioned.tokens.item() == len(continuation_ids)  # the prompt is context, never scored
+    chained = alone.nll * len(prompt_ids) + conditioned.nll * len(continuation_ids)
+    assert chained.item() == pytest.approx((whole.nll * (len(prompt_ids) + len(continuation_ids))).item(), abs=1e-4)
+    unconditioned = sample_nll([continuation], model, tokenizer, 1, None, "cpu")
+    assert not torch.isclose(unconditioned.nll, conditioned.nll).item()
+
+
 def test_unigram_entropy_of_hand_histograms() -> None:
     entropy = unigram_entropy([[1, 1, 2, 2], [5, 5, 5], [1, 2, 3]])
     assert entropy.dtype == torch.float64

@@ -60,37 +60,54 @@ def _context_length(model: PreTrainedModel, max_length: int | None) -> int:
     return length
 
 
-def _windows(texts: list[str], tokenizer: PreTrainedTokenizerBase, context: int) -> list[tuple[int, list[int]]]:
-    """(text index, [BOS] + chunk) pairs: each text's tokens cut into consecutive chunks of ``context - 1``.
+@dataclass(frozen=True)
+class Window:
+    """One evaluator input: [BOS] + context + the tokens it scores, which are the last ``scored`` ids."""
+
+    owner: int  # index of the text the scored tokens belong to
+    ids: list[int]
+    scored: int
+
+
+def _windows(texts: list[str], tokenizer: PreTrainedTokenizerBase, context: int, contexts: list[str] | None = None) -> list[Window]:
+    """Each text's tokens cut into consecutive chunks, each after [BOS] and the text's context (if any).
 
     The BOS before each chunk lets every token of the text be scored. A chunk after the first restarts from
-    BOS, conditioned only on its own tokens, not on the earlier chunks (so long texts score slightly worse
-    than under a sliding window, but every token is scored exactly once).
+    BOS and the context, not from the earlier chunks (so long texts score slightly worse than under a sliding
+    window, but every token is scored exactly once). A context (a prefix-mode prompt) conditions every chunk
+    and is never scored itself; it keeps at most half the evaluator's window, its last tokens.
     """
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if bos is None:
         raise ConfigError("the evaluator tokenizer has neither a BOS nor an EOS token to start each text with")
+    if contexts is not None and len(contexts) != len(texts):
+        raise ConfigError(f"{len(contexts)} contexts for {len(texts)} texts; give one per text")
+    prefixes = tokenizer(contexts, add_special_tokens=False)["input_ids"] if contexts is not None else [[] for _ in texts]
     windows = []
-    for index, ids in enumerate(tokenizer(texts, add_special_tokens=False)["input_ids"]):
+    for index, (ids, prefix) in enumerate(zip(tokenizer(texts, add_special_tokens=False)["input_ids"], prefixes)):
         if not ids:
             raise ConfigError(f"sample {index} is empty; the evaluator cannot score an empty text")
-        windows += [(index, [bos, *ids[start : start + context - 1]]) for start in range(0, len(ids), context - 1)]
+        prefix = prefix[len(prefix) - min(len(prefix), (context - 1) // 2) :]
+        chunk = context - 1 - len(prefix)
+        windows += [Window(index, [bos, *prefix, *ids[start : start + chunk]], len(ids[start : start + chunk])) for start in range(0, len(ids), chunk)]
     return windows
 
 
 @torch.inference_mode()
-def _window_nll_sums(model: PreTrainedModel, windows: list[list[int]], device: torch.device | str) -> torch.Tensor:
-    """Summed NLL (float64) of every token after the first in each window, as one right-padded batch."""
-    length = max(len(w) for w in windows)
+def _window_nll_sums(model: PreTrainedModel, windows: list[Window], device: torch.device | str) -> torch.Tensor:
+    """Summed NLL (float64) of the scored tokens of each window, as one right-padded batch."""
+    length = max(len(w.ids) for w in windows)
     ids = torch.zeros(len(windows), length, dtype=torch.long)
     mask = torch.zeros(len(windows), length, dtype=torch.long)
+    scored = torch.zeros(len(windows), length, dtype=torch.long)
     for row, window in enumerate(windows):
-        ids[row, : len(window)] = torch.tensor(window)
-        mask[row, : len(window)] = 1
-    ids, mask = ids.to(device), mask.to(device)
+        ids[row, : len(window.ids)] = torch.tensor(window.ids)
+        mask[row, : len(window.ids)] = 1
+        scored[row, len(window.ids) - window.scored : len(window.ids)] = 1
+    ids, mask, scored = ids.to(device), mask.to(device), scored.to(device)
     logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
     token_logp = logits.log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-    return -(token_logp.double() * mask[:, 1:]).sum(-1).cpu()
+    return -(token_logp.double() * scored[:, 1:]).sum(-1).cpu()
 
 
 def sample_nll(
@@ -100,23 +117,24 @@ def sample_nll(
     batch_size: int,
     max_length: int | None,
     device: torch.device | str,
+    contexts: list[str] | None = None,
 ) -> SampleScores:
-    """Mean NLL per token of each decoded text under the evaluator, retokenized with its own tokenizer.
+    """Mean NLL per token of each decoded text under the evaluator, retokenized with its own tokenizer;
+    with ``contexts`` (prefix mode's prompts) each text is scored as the continuation of its context.
 
     ``max_length`` (default: the model's context) bounds each window; longer texts are split as in ``_windows``
     and their NLL is averaged over all their tokens.
     """
     if batch_size < 1:
         raise ConfigError(f"batch_size={batch_size} must be >= 1")
-    windows = _windows(texts, tokenizer, _context_length(model, max_length))
-    owners = torch.tensor([index for index, _ in windows])
+    windows = _windows(texts, tokenizer, _context_length(model, max_length), contexts)
     sums = torch.zeros(len(texts), dtype=torch.float64)
     tokens = torch.zeros(len(texts), dtype=torch.long)
     for start in range(0, len(windows), batch_size):
-        batch = [window for _, window in windows[start : start + batch_size]]
-        owner = owners[start : start + batch_size]
+        batch = windows[start : start + batch_size]
+        owner = torch.tensor([window.owner for window in batch])
         sums.index_add_(0, owner, _window_nll_sums(model, batch, device))
-        tokens.index_add_(0, owner, torch.tensor([len(window) - 1 for window in batch]))
+        tokens.index_add_(0, owner, torch.tensor([window.scored for window in batch]))
     return SampleScores(nll=sums / tokens, tokens=tokens)
 
 

@@ -137,26 +137,39 @@ def calibration_record(cfg: DictConfig, calibration: Calibration) -> dict[str, A
     }
 
 
-def decode(tokenizer: Any, generation: Generation) -> tuple[list[str], list[list[int]]]:
-    """Texts of the generated part of every sample (the prompt, if any, is left out) and its token ids."""
+@dataclass
+class Decoded:
+    """The generated part of every sample as text and token ids, and its prompt's text (prefix mode)."""
+
+    texts: list[str]
+    ids: list[list[int]]
+    prompts: list[str] | None
+
+
+def decode(tokenizer: Any, generation: Generation) -> Decoded:
     ids = generation.tokens[:, generation.prefix_len :].tolist()
-    return [tokenizer.decode(row, skip_special_tokens=True) for row in ids], ids
+    prompts = None
+    if generation.prefix_len:
+        prompts = [tokenizer.decode(row, skip_special_tokens=True) for row in generation.tokens[:, : generation.prefix_len].tolist()]
+    return Decoded([tokenizer.decode(row, skip_special_tokens=True) for row in ids], ids, prompts)
 
 
-def score(setting: ArmSetting, texts: list[str]) -> SampleScores:
-    """The evaluator's per-sample NLL of ``texts``, in one process or spread over the trainer's."""
+def score(setting: ArmSetting, decoded: Decoded) -> SampleScores:
+    """The evaluator's per-sample NLL of the generated texts (continuations of their prompts in prefix mode),
+    in one process or spread over the trainer's."""
+    cfg = setting.cfg
     if setting.trainer is None:
-        return sample_nll(texts, setting.evaluator, setting.evaluator_tokenizer, setting.cfg.eval.batch_size, None, setting.evaluator.device)
-    return score_data_parallel(setting.trainer, texts, setting.evaluator, setting.evaluator_tokenizer, setting.cfg.eval.batch_size)
+        return sample_nll(decoded.texts, setting.evaluator, setting.evaluator_tokenizer, cfg.eval.batch_size, None, setting.evaluator.device, decoded.prompts)
+    return score_data_parallel(setting.trainer, decoded.texts, setting.evaluator, setting.evaluator_tokenizer, cfg.eval.batch_size, decoded.prompts)
 
 
-def write_samples(path: Path, generation: Generation, texts: list[str], nll: list[float], tokenizer: Any) -> None:
+def write_samples(path: Path, generation: Generation, decoded: Decoded, nll: list[float]) -> None:
     """samples.jsonl: one line per sample with its seed (rerun it alone with the same seed), atomically."""
     lines = []
-    for i, (seed, text) in enumerate(zip(generation.seeds.tolist(), texts)):
+    for i, (seed, text) in enumerate(zip(generation.seeds.tolist(), decoded.texts)):
         row = {"seed": seed, "text": text, "nll": nll[i]}
-        if generation.prefix_len:
-            row["prompt"] = tokenizer.decode(generation.tokens[i, : generation.prefix_len].tolist())
+        if decoded.prompts is not None:
+            row["prompt"] = decoded.prompts[i]
         lines.append(json.dumps(row, ensure_ascii=False) + "\n")
     write_text_atomic(path, "".join(lines))
 
@@ -195,8 +208,8 @@ def evaluate_arm(
         generation = generate(setting.models, policy, setting.seeds, setting.spec, meter, prompts=setting.prompts)
     else:
         generation = generate_data_parallel(setting.trainer, setting.models, policy, setting.seeds, setting.spec, meter, prompts=setting.prompts)
-    texts, ids = decode(setting.tokenizer, generation)
-    quality = evaluate_samples(score(setting, texts), ids, reference_nll)
+    decoded = decode(setting.tokenizer, generation)
+    quality = evaluate_samples(score(setting, decoded), decoded.ids, reference_nll)
     record: dict[str, Any] = {
         "label": label, "policy": policy.name, "seeds": generation.seeds.tolist(), **quality, **meter.summary(),
         "wall_s": {"sampling": generation.wall_s},
@@ -206,10 +219,10 @@ def evaluate_arm(
     if calibration is not None:
         record["calibration"] = calibration_record(setting.cfg, calibration)
     if samples_path is not None:
-        write_samples(samples_path, generation, texts, quality["nll"], setting.tokenizer)
+        write_samples(samples_path, generation, decoded, quality["nll"])
     if schedule_path is not None:
         if "path_kl" in record:
             plot_path_kl_per_step({label: record["path_kl"]["per_step"]}, schedule_path.with_name(f"{schedule_path.stem}_path_kl.png"))
         shown = min(32, generation.actions.shape[1])
         plot_schedule(generation.actions, setting.names, f"{label}: model per step ({shown} of {generation.actions.shape[1]} samples)", schedule_path)
-    return ArmOutcome(record, generation, texts)
+    return ArmOutcome(record, generation, decoded.texts)
