@@ -44,22 +44,41 @@ def plot_schedule(actions: torch.Tensor, names: Sequence[str], title: str, path:
     return save_figure(figure, path)
 
 
+NAMED_POLICIES = 20  # up to this many policies get a color and a legend entry each; more (a search) are drawn alike
+
+
 def plot_quality_vs_compute(rows: Sequence[dict], path: Path, saving_key: str = "saved_executed") -> Path:
     """Quality against the FLOPs saved, one point per run: generative perplexity, and beside it the path KL to
-    the all-heavy sampler where the runs measured it (both with 95% intervals)."""
-    measures = [("gen_ppl", "generative perplexity", lambda row: row["gen_ppl"])]
+    the all-heavy sampler where the runs measured it (both with 95% intervals).
+
+    Runs of one policy at several budgets (labels ``name@budget``) share a color and are joined by a line, its
+    trade-off curve; the legend names the policies, so no label is printed over another.
+    """
+    measures = [("gen_ppl", "generative perplexity (95% CI)", lambda row: row["gen_ppl"])]
     if any("path_kl" in row for row in rows):
-        measures.append(("path_kl", "path KL to all-heavy, nats/sequence", lambda row: row["path_kl"]["per_sequence"]))
-    figure, axes = plt.subplots(1, len(measures), figsize=(6 * len(measures), 4), squeeze=False)
+        measures.append(("path_kl", "path KL to all-heavy, nats/sequence (95% CI)", lambda row: row["path_kl"]["per_sequence"]))
+    names = list(dict.fromkeys(row["label"].split("@")[0] for row in rows))
+    named = len(names) <= NAMED_POLICIES
+    palette = plt.get_cmap("tab20" if len(names) > 10 else "tab10")
+    figure, axes = plt.subplots(1, len(measures), figsize=(5.5 * len(measures), 4), squeeze=False)
     for axis, (key, label, value) in zip(axes[0], measures):
-        for index, row in enumerate(r for r in rows if key in r):
-            x, y = 100 * row["flops"][saving_key], value(row)
-            axis.errorbar(x, y["mean"], yerr=y["ci95"], fmt="o", capsize=3)
-            offset = (5, 5 + 9 * (index % 3))  # staggered, so labels of close points do not print over each other
-            axis.annotate(row["label"], (x, y["mean"]), textcoords="offset points", xytext=offset, fontsize=7)
-        axis.set_xlabel(f"FLOPs saved ({saving_key.replace('_', ' ')}), %")
+        for index, name in enumerate(names):
+            group = sorted((r for r in rows if key in r and r["label"].split("@")[0] == name), key=lambda r: r["flops"][saving_key])
+            if not group:
+                continue
+            axis.errorbar(
+                [100 * r["flops"][saving_key] for r in group], [value(r)["mean"] for r in group], yerr=[value(r)["ci95"] for r in group],
+                fmt="o-" if len(group) > 1 else "o", color=palette(index) if named else "#1f4e79", capsize=3, markersize=4,
+                linewidth=1, alpha=1.0 if named else 0.5, label=name if named else None,
+            )
+        axis.set_xlabel(f"{saving_key.removeprefix('saved_')} FLOPs saved against all-heavy, %")
         axis.set_ylabel(label)
         axis.grid(alpha=0.3)
+    if named:
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        figure.legend(handles, labels, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=min(4, len(labels)), fontsize=8, frameon=False)
+    else:
+        figure.suptitle(f"{len(names)} schedules", y=1.02)
     figure.tight_layout()
     return save_figure(figure, path)
 
