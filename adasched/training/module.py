@@ -89,7 +89,7 @@ class LanguageModelModule(L.LightningModule):
         objective: Objective,
         lr: float = 3e-4,
         weight_decay: float = 0.0,
-        betas: tuple[float, float] = (0.9, 0.999),
+        betas: tuple[float, float] = (0.9, 0.95),
         warmup_steps: int = 500,
         final_lr_ratio: float = 0.1,
         compile: bool = False,
