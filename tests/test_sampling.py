@@ -258,8 +258,10 @@ class Constant(Policy):
         return torch.full_like(state.step, self.index)
 
 
+@pytest.mark.parametrize("sampler", SAMPLERS)
 @pytest.mark.parametrize("index", [-1, 2])
-def test_an_action_outside_the_family_is_a_one_line_error(index: int) -> None:
+def test_an_action_outside_the_family_is_a_one_line_error(index: int, sampler: str) -> None:
+    """Also for rows that reveal nothing at the step (the lockstep samplers ask those too)."""
     models = family()
     with pytest.raises(ValueError, match=r"action must hold 3 model indices in \[0, 2\), got \[" + str(index)):
-        sample(models, Constant(index), torch.arange(3), spec(batch_size=3), meter(models))
+        SAMPLERS[sampler](models, Constant(index), torch.arange(3), spec(batch_size=3), meter(models))

@@ -279,15 +279,15 @@ class Trajectory(ABC):
 
     def step_counts(self, action: torch.Tensor, decided: torch.Tensor, revealed: torch.Tensor) -> StepCounts:
         """Rows that reveal and positions they reveal, per model: the shapes of the step's forwards, read from the
-        device in one transfer (the loop's one synchronization). An index outside the family is a ValueError."""
+        device in one transfer (the loop's one synchronization). An index outside the family, for any row, is a
+        ValueError."""
         num_models = len(self.models)
         bins = action.clamp(-1, num_models) + 1  # 0 and num_models + 1 collect indices outside [0, num_models)
-        rows = torch.bincount(bins, weights=decided.double(), minlength=num_models + 2)
-        positions = torch.bincount(bins, weights=revealed.double(), minlength=num_models + 2)
-        counts = [[round(value) for value in row] for row in torch.stack([rows, positions]).tolist()]
-        if counts[0][0] or counts[0][-1] or counts[1][0] or counts[1][-1]:
+        per_model = [torch.bincount(bins, weights=weights.double(), minlength=num_models + 2) for weights in (torch.ones_like(decided), decided, revealed)]
+        every_row, rows, positions = ([round(value) for value in counts] for counts in torch.stack(per_model).tolist())
+        if every_row[0] or every_row[-1]:
             raise ValueError(f"action must hold {len(action)} model indices in [0, {num_models}), got {action.tolist()}")
-        return StepCounts(counts[0][1:-1], counts[1][1:-1])
+        return StepCounts(rows[1:-1], positions[1:-1])
 
     def note_forward(self, slots: torch.Tensor, model: torch.Tensor | int, revealed: torch.Tensor, probe: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Add the rows' forwards to their policy-visible costs, at the event-driven sampler's prices.
@@ -312,10 +312,11 @@ class Trajectory(ABC):
         model = self.models[model_index]
         rows = max(1, len(slots) if self.device.type != "cpu" else CPU_FORWARD_TOKENS // self.spec.seq_len)
         with self.meter.timed(model_index, self.device):
-            hidden = torch.cat([
+            chunks = [
                 model.hidden_states(self.tokens[slots[start : start + rows]], t[start : start + rows])
                 for start in range(0, max(1, len(slots)), rows)  # a call with no rows still yields its empty states
-            ])
+            ]
+            hidden = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
             logits = model.project(hidden.flatten(0, 1)[flat])
         self.meter.add_forward(model_index, len(slots), self.trunk[model_index] * len(slots) + self.projection[model_index] * len(flat), self.device)
         if not probe:
