@@ -15,7 +15,7 @@ from urllib.parse import urlparse
 
 from huggingface_hub import constants
 
-from adasched.errors import DataUnavailableError
+from adasched.errors import DataUnavailableError, first_line
 
 T = TypeVar("T")
 REACH_TIMEOUT_S = 3.0
@@ -52,5 +52,4 @@ def cached_or_downloaded(load: Callable[..., T], name: str, what: str, how: str 
     try:
         return load(name)
     except OSError as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise DataUnavailableError(f"{what} {name!r} could not be loaded from the hub ({reason}); {how}") from error
+        raise DataUnavailableError(f"{what} {name!r} could not be loaded from the hub ({first_line(error)}); {how}") from error

@@ -21,7 +21,7 @@ from datasets import Sequence as SequenceFeature
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerFast
 
-from adasched.errors import ConfigError, DataUnavailableError
+from adasched.errors import ConfigError, DataUnavailableError, first_line
 from adasched.io import atomic_path
 
 SPLITS = ("train", "validation")
@@ -118,9 +118,8 @@ class HubCorpus:
         try:
             raw = load_dataset(self.path)
         except Exception as error:  # the hub client raises many types for "offline"; all mean the same here
-            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
             raise DataUnavailableError(
-                f"dataset {self.path!r} could not be loaded ({reason}); connect to the Hugging Face hub once to "
+                f"dataset {self.path!r} could not be loaded ({first_line(error)}); connect to the Hugging Face hub once to "
                 f"cache it, point data.corpus.path at a local copy, or use data=shakespeare / data=text_files"
             ) from error
         if self.validation_split is None:

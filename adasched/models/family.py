@@ -7,7 +7,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from adasched.errors import ConfigError, DataUnavailableError
+from adasched.errors import ConfigError, DataUnavailableError, first_line
 from adasched.models.dit import DenoiserConfig, MDLMDenoiser
 from adasched.models.mdlm_checkpoint import load_mdlm_hub, load_mdlm_lightning
 
@@ -39,8 +39,7 @@ def load_denoiser(path: str | Path) -> MDLMDenoiser:
     except ConfigError:
         raise
     except Exception as error:  # safetensors, json and torch each raise their own kind for a damaged file
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise DataUnavailableError(f"{Path(path) / 'model.safetensors'} (or its config.json) is unreadable: {reason}; re-export or re-copy the model") from error
+        raise DataUnavailableError(f"{Path(path) / 'model.safetensors'} (or its config.json) is unreadable: {first_line(error)}; re-export or re-copy the model") from error
 
 
 def check_family(members: dict[str, MDLMDenoiser]) -> None:

@@ -36,7 +36,7 @@ from omegaconf.base import ContainerMetadata, Metadata
 from omegaconf.nodes import AnyNode, BooleanNode, FloatNode, IntegerNode, StringNode
 from safetensors.torch import load_file
 
-from adasched.errors import ConfigError, DataUnavailableError
+from adasched.errors import ConfigError, DataUnavailableError, first_line
 from adasched.hub import cached_or_downloaded
 from adasched.models.dit import DenoiserConfig, MDLMDenoiser
 
@@ -141,7 +141,7 @@ def read_lightning_checkpoint(path: str | Path) -> dict[str, Any]:
         except Exception as error:
             raise ConfigError(
                 f"MDLM checkpoint {path} cannot be read with weights_only=True ({type(error).__name__}: "
-                f"{str(error).splitlines()[0] if str(error) else ''}); expected a torch.save'd Lightning .ckpt"
+                f"{first_line(error)}); expected a torch.save'd Lightning .ckpt"
             ) from error
     if not isinstance(checkpoint, Mapping):
         raise ConfigError(f"MDLM checkpoint {path} holds a {type(checkpoint).__name__}, not a Lightning checkpoint dict")
