@@ -29,8 +29,8 @@ from adasched.analysis.comparison import (
 )
 from adasched.analysis.plots import (
     plot_arms,
-    plot_path_kl_per_step,
     plot_quality_vs_compute,
+    plot_runs_path_kl_per_step,
 )
 from adasched.analysis.segment_search import plot_analysis
 from adasched.errors import ConfigError
@@ -150,9 +150,8 @@ def write_local(experiment: Experiment, out: Path, command: str) -> Path:
     """The experiment's figures as PNGs and ``dashboard.md`` linking them, into ``out``; returns the markdown's path."""
     out.mkdir(parents=True, exist_ok=True)
     figures = [plot_quality_vs_compute(experiment.records, out / "quality_vs_compute.png"), plot_arms(experiment.records, out / "gen_ppl.png")]
-    curves = {r["label"]: r["path_kl"]["per_step"] for r in experiment.records if "path_kl" in r and r["path_kl"]["per_sequence"]["mean"] > 0}
-    if curves:
-        figures.append(plot_path_kl_per_step(curves, out / "path_kl_per_step.png"))
+    if (path_kl_figure := plot_runs_path_kl_per_step(experiment.records, out / "path_kl_per_step.png")) is not None:
+        figures.append(path_kl_figure)
     if experiment.segment_search:
         figures += plot_analysis(experiment.records, out)
     path = out / MARKDOWN_FILE

@@ -125,6 +125,12 @@ def plot_router_curve(curve_csv: Path, path: Path, title: str) -> Path:
     return save_figure(figure, path)
 
 
+def plot_runs_path_kl_per_step(records: Sequence[dict], path: Path) -> Path | None:
+    """``plot_path_kl_per_step`` of every run that measured a non-zero path KL; None when none did (all-heavy only)."""
+    curves = {r["label"]: r["path_kl"]["per_step"] for r in records if "path_kl" in r and r["path_kl"]["per_sequence"]["mean"] > 0}
+    return plot_path_kl_per_step(curves, path) if curves else None
+
+
 def plot_path_kl_per_step(curves: dict[str, Sequence[float]], path: Path, bins: int = 50) -> Path:
     """Where along the trajectory each policy departs from all-heavy: mean path KL per sample in each of
     ``bins`` equal spans of steps (t = 1 on the left), one line per policy."""

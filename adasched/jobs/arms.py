@@ -147,6 +147,7 @@ class Decoded:
 
 
 def decode(tokenizer: Any, generation: Generation) -> Decoded:
+    """Texts and ids of the generated part of every sample (the prompt left out) and, in prefix mode, the prompts' texts."""
     ids = generation.tokens[:, generation.prefix_len :].tolist()
     prompts = None
     if generation.prefix_len:

@@ -20,8 +20,8 @@ from adasched.analysis.arm_log import ArmLog, read_sweep
 from adasched.analysis.comparison import SWEEP_COLUMNS, format_table, sweep_rows, to_csv
 from adasched.analysis.plots import (
     plot_arms,
-    plot_path_kl_per_step,
     plot_quality_vs_compute,
+    plot_runs_path_kl_per_step,
 )
 from adasched.analysis.run_logging import log_run, samples_table
 from adasched.analysis.segment_search import (
@@ -128,9 +128,7 @@ def write_report(folder: Path, experiment: dict[str, Any], records: list[dict[st
     write_text_atomic(folder / "table.csv", to_csv(rows, SWEEP_COLUMNS))
     write_json_atomic(folder / "results.json", results)
     plot_quality_vs_compute(records, folder / "quality_vs_compute.png")
-    curves = {record["label"]: record["path_kl"]["per_step"] for record in records if "path_kl" in record and record["path_kl"]["per_sequence"]["mean"] > 0}
-    if curves:
-        plot_path_kl_per_step(curves, folder / "path_kl_per_step.png")
+    plot_runs_path_kl_per_step(records, folder / "path_kl_per_step.png")
     plot_arms(records, folder / "gen_ppl.png")
     print(format_table(rows, SWEEP_COLUMNS))
     print(f"\nwrote {folder / 'table.csv'}, results.json and figures")
