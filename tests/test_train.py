@@ -31,7 +31,7 @@ def test_train_exports_a_denoiser_with_metadata_and_resumes(tmp_path: Path, tiny
     assert saved["steps"] == 4 and saved["exported_step"] in (2, 4)  # the best of the two validations
     model = load_denoiser(exported)
     assert model.config.n_blocks == 1 and model.config.seq_len == 32
-    best = torch.load(tmp_path / "run" / "checkpoints" / "best.ckpt", weights_only=False)
+    best = torch.load(tmp_path / "run" / "checkpoints" / "best.ckpt", weights_only=True)
     assert best["global_step"] == saved["exported_step"]
     assert torch.equal(model.head.weight, best["state_dict"]["model.head.weight"].half().float())
 

@@ -93,7 +93,7 @@ def restore_best(module: LanguageModelModule, best_path: str) -> int:
     """
     if not best_path:
         return module.trainer.global_step
-    checkpoint = torch.load(best_path, map_location="cpu", weights_only=False)
+    checkpoint = torch.load(best_path, map_location="cpu", weights_only=True)  # tensors and plain types only
     module.load_state_dict(checkpoint["state_dict"])  # WeightAveraging saves the averaged weights here
     return int(checkpoint["global_step"])
 
