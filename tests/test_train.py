@@ -154,3 +154,50 @@ def test_a_run_ended_by_early_stopping_is_not_trained_further_on_rerun(tmp_path:
         cfg.trainer.max_steps = 6
     rerun = train(cfg)
     assert rerun["steps"] == 2 and rerun["max_steps"] == 6 and rerun["stopped_early"]
+
+
+def test_the_foreach_ema_averages_as_lightnings_per_tensor_ema() -> None:
+    import lightning as L
+    from lightning.pytorch.callbacks import EMAWeightAveraging
+
+    from adasched.training.module import exponential_moving_average
+
+    class Regression(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+
+        def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            return torch.nn.functional.mse_loss(self.net(x), y)
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    data = torch.utils.data.TensorDataset(torch.randn(64, 4, generator=torch.Generator().manual_seed(0)), torch.randn(64, 1, generator=torch.Generator().manual_seed(1)))
+    averaged = []
+    for callback in (exponential_moving_average(0.9), EMAWeightAveraging(decay=0.9)):
+        torch.manual_seed(0)
+        module = Regression()
+        trainer = L.Trainer(max_steps=12, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[callback])
+        trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=8))
+        averaged.append(torch.cat([p.detach().flatten() for p in module.parameters()]))
+    torch.manual_seed(0)
+    assert not torch.allclose(averaged[0], torch.cat([p.detach().flatten() for p in Regression().parameters()]))  # it trained
+    torch.testing.assert_close(averaged[0], averaged[1])
+
+
+def test_a_fused_optimizers_gradients_are_clipped_by_the_module() -> None:
+    from adasched.training.module import LanguageModelModule
+
+    model = torch.nn.Linear(8, 8)
+    module = LanguageModelModule(model, objective=None, fused=True)  # type: ignore[arg-type]
+    optimizer = torch.optim.AdamW(model.parameters(), fused=True)
+    for parameter in model.parameters():
+        parameter.grad = torch.full_like(parameter, 10.0)
+    module.configure_gradient_clipping(optimizer, gradient_clip_val=1.0, gradient_clip_algorithm="norm")
+    assert torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in model.parameters()])) == pytest.approx(1.0, rel=1e-4)
+    for parameter in model.parameters():
+        parameter.grad = torch.full_like(parameter, 10.0)
+    module.configure_gradient_clipping(optimizer, gradient_clip_val=0.5, gradient_clip_algorithm="value")
+    assert all(torch.all(p.grad == 0.5) for p in model.parameters())

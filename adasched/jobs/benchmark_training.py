@@ -4,7 +4,7 @@ Each cell builds a fresh denoiser of that depth and runs the real training loop 
 weights, the family's data loader) for ``warmup_steps + timed_steps`` steps; only the last ``timed_steps``
 are timed, so ``torch.compile``'s first-step compilation stays out of the figure. Validation and
 checkpointing are off in every cell alike. Recipes differ only in what the config says (precision,
-compilation, dropout), so the ratio between them is what changing the recipe buys on this machine.
+compilation, dropout, whether the optimizer and the EMA update all tensors at once), so the ratio between them is what changing the recipe buys on this machine.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from adasched.data.tokenizer import load_or_train_tokenizer
 from adasched.errors import ConfigError
 from adasched.io import write_json_atomic
-from adasched.training.module import LanguageModelModule
+from adasched.training.module import LanguageModelModule, exponential_moving_average
 
 
 class StepTimer(L.Callback):
@@ -50,12 +50,15 @@ def time_recipe(cfg: DictConfig, recipe: DictConfig, n_blocks: int, datamodule: 
     """Tokens/s of one (recipe, depth) cell."""
     L.seed_everything(cfg.seed)
     model = instantiate(cfg.model.net, tokenizer=tokenizer, seq_len=cfg.data.seq_len, n_blocks=n_blocks, dropout=recipe.dropout)
-    module = LanguageModelModule(model, instantiate(cfg.model.objective), lr=cfg.lr, warmup_steps=1, compile=recipe.compile)
+    module = LanguageModelModule(
+        model, instantiate(cfg.model.objective), lr=cfg.lr, warmup_steps=1, compile=recipe.compile, fused=recipe.fused_loop
+    )
+    ema = exponential_moving_average(0.995) if recipe.fused_loop else EMAWeightAveraging(decay=0.995)
     timer = StepTimer(cfg.warmup_steps)
     trainer = L.Trainer(
         accelerator="cpu", devices=1, precision=recipe.precision, max_steps=cfg.warmup_steps + cfg.timed_steps,
         limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, gradient_clip_val=1.0, callbacks=[EMAWeightAveraging(decay=0.995), timer],
+        enable_model_summary=False, gradient_clip_val=1.0, callbacks=[ema, timer],
     )
     trainer.fit(module, datamodule=datamodule)
     return {"n_blocks": n_blocks, "tokens_per_second": round(timer.tokens / timer.seconds, 1), "timed_tokens": timer.tokens, "seconds": round(timer.seconds, 2)}

@@ -19,7 +19,6 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import (
     EarlyStopping,
-    EMAWeightAveraging,
     LearningRateMonitor,
     ModelCheckpoint,
     TQDMProgressBar,
@@ -39,7 +38,11 @@ from adasched.training.learning_curve import (
     LearningCurve,
     plateau,
 )
-from adasched.training.module import LanguageModelModule, evaluate
+from adasched.training.module import (
+    LanguageModelModule,
+    evaluate,
+    exponential_moving_average,
+)
 
 LOGGER_MODES = ("disabled", "offline", "online")
 
@@ -125,7 +128,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     best = ModelCheckpoint(dirpath=checkpoint_dir, filename="best", monitor=f"val/{objective.metric}", mode="min", save_top_k=1)
     curve = LearningCurve(run_dir / CURVE_FILE, objective.metric)
     callbacks = [
-        EMAWeightAveraging(decay=cfg.ema_decay),
+        exponential_moving_average(cfg.ema_decay),
         curve,
         ModelCheckpoint(dirpath=checkpoint_dir, save_last=True, every_n_train_steps=cfg.checkpoint_every_n_steps),
         best,

@@ -13,7 +13,9 @@ from typing import Any, Protocol
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import WeightAveraging
 from torch import nn
+from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from adasched.training.diffusion import masked_nelbo
 
@@ -66,6 +68,15 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, final_lr_ratio
     return final_lr_ratio + (1.0 - final_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def exponential_moving_average(decay: float) -> WeightAveraging:
+    """EMA of the weights after every step, updated with foreach kernels.
+
+    Lightning's ``EMAWeightAveraging`` updates tensor by tensor: for the heavy model's 65 tensors on one CPU
+    thread that is ~16 ms a step against ~2 ms here, for the same average.
+    """
+    return WeightAveraging(multi_avg_fn=get_ema_multi_avg_fn(decay))
+
+
 def compile_blocks(model: nn.Module) -> None:
     """``torch.compile`` each repeated Transformer block in place (the denoisers' and GPT-2's).
 
@@ -93,6 +104,7 @@ class LanguageModelModule(L.LightningModule):
         warmup_steps: int = 500,
         final_lr_ratio: float = 0.1,
         compile: bool = False,
+        fused: bool = True,
     ) -> None:
         super().__init__()
         self.model = model
@@ -102,6 +114,7 @@ class LanguageModelModule(L.LightningModule):
         self.betas = tuple(betas)
         self.warmup_steps = warmup_steps
         self.final_lr_ratio = final_lr_ratio
+        self.fused = fused
         if compile:
             compile_blocks(model)
         self.tokens_seen = 0
@@ -124,10 +137,27 @@ class LanguageModelModule(L.LightningModule):
         self.log(f"val/{self.objective.metric}", loss, prog_bar=True, batch_size=int(tokens), sync_dist=True)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
+        # fused: one kernel for all tensors; on a CPU thread ~4 ms a step for the heavy, ~18 ms for torch's default.
+        # Not under fp16 loss scaling, where a fused step unscales the gradients itself, after clipping would have run.
+        fused = self.fused and self.trainer.precision != "16-mixed"
+        optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=self.lr, betas=self.betas, weight_decay=self.weight_decay, fused=fused
+        )
         total, warmup, final = self.trainer.max_steps, self.warmup_steps, self.final_lr_ratio
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup, total, final))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def configure_gradient_clipping(
+        self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
+    ) -> None:
+        """Clip a fused optimizer's gradients here: Lightning refuses to under any mixed precision, for fp16 loss
+        scaling's sake, but a fused optimizer only runs without a scaler (``configure_optimizers``)."""
+        if not optimizer.defaults.get("fused") or not gradient_clip_val:
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        if gradient_clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(self.model.parameters(), gradient_clip_val)
+        else:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), gradient_clip_val)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         now = time.perf_counter()
