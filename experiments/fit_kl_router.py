@@ -45,7 +45,7 @@ def fit_kl_router(cfg: DictConfig) -> dict[str, Any]:
         )
     device = resolve_device(cfg.device)
     family_dir = Path(cfg.family.dir)
-    models = [m.to(device) for m in load_family({name: family_dir / name for name in cfg.family.members}).values()]
+    models = [m.to(device) for m in load_family({name: family_dir / name for name in cfg.family.members}, cfg.precision).values()]
     seeds = cfg.seed + torch.arange(cfg.num_trajectories)
     start = time.perf_counter()
     records = collect(cfg, models, seeds)

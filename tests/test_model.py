@@ -112,3 +112,22 @@ def test_a_truncated_member_file_is_named_in_one_line(tiny_family: Path, tmp_pat
         load_family({"heavy": tiny_family / "heavy", "light": tmp_path / "light"})
     message = str(error.value)
     assert "\n" not in message and "family member 'light'" in message and str(weights) in message
+
+
+def test_a_bf16_trunk_predicts_almost_what_float32_does_and_leaves_training_autocast_alone(tiny_family: Path) -> None:
+    models = load_family({name: tiny_family / name for name in ("heavy", "light")}, precision="bf16")
+    assert all(model.compute_dtype == torch.bfloat16 for model in models.values())
+    model, z, t = models["heavy"], noisy_batch(), torch.full((3,), 0.5)
+    with torch.no_grad():
+        hidden = model.hidden_states(z, t)
+        mixed = model.project(hidden).softmax(-1)
+        model.compute_dtype = None
+        full = model.project(model.hidden_states(z, t)).softmax(-1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # as Lightning's bf16-mixed training runs it
+            in_training = model.hidden_states(z, t)
+    assert hidden.dtype == torch.float32  # the residual stream and the final norm stay float32
+    total_variation = (mixed - full).abs().sum(-1) / 2
+    assert 0 < total_variation.max() < 0.02
+    torch.testing.assert_close(in_training, hidden)  # no compute_dtype: an enclosing autocast still applies
+    with pytest.raises(ConfigError, match="sampling.precision='fp16' is unknown; choose one of: float32, bf16"):
+        load_family({"heavy": tiny_family / "heavy"}, precision="fp16")

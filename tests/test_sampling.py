@@ -265,3 +265,12 @@ def test_an_action_outside_the_family_is_a_one_line_error(index: int, sampler: s
     models = family()
     with pytest.raises(ValueError, match=r"action must hold 3 model indices in \[0, 2\), got \[" + str(index)):
         SAMPLERS[sampler](models, Constant(index), torch.arange(3), spec(batch_size=3), meter(models))
+
+
+def test_bf16_trunks_give_identical_tokens_in_every_sampler() -> None:
+    models = family(dtype=torch.float32)
+    for model in models:
+        model.compute_dtype = torch.bfloat16
+    seeds = torch.arange(24)
+    runs = [sampler(models, make_policy("static_sandwich"), seeds, spec(64, batch_size=8), meter(models)) for sampler in SAMPLERS.values()]
+    assert_identical_runs(runs)

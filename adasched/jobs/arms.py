@@ -109,7 +109,7 @@ def load_setting(cfg: DictConfig, trainer: L.Trainer | None = None) -> ArmSettin
     spec, seeds = sampling_spec(cfg), evaluation_seeds(cfg)
     device = resolve_device(cfg.device)
     names = list(cfg.family.members)
-    models = [model.to(device) for model in load_family({name: Path(cfg.family.dir) / name for name in names}).values()]
+    models = [model.to(device) for model in load_family({name: Path(cfg.family.dir) / name for name in names}, cfg.sampling.precision).values()]
     tokenizer = load_tokenizer(cfg.family.tokenizer)
     prompts = prompts_for(cfg, tokenizer, seeds)
     spec.check(models, prompts)

@@ -211,7 +211,7 @@ def train_router(cfg: DictConfig) -> dict[str, Any]:
     torch.set_num_threads(cfg.torch_threads)
     device = resolve_device(cfg.device)
     family_dir, members = Path(cfg.family.dir), list(cfg.family.members)
-    models = [m.to(device) for m in load_family({name: family_dir / name for name in members}).values()]
+    models = [m.to(device) for m in load_family({name: family_dir / name for name in members}, cfg.sampling.precision).values()]
     score = None
     if cfg.env.quality_weight:  # the evaluator term is optional: path KL is the quality reward
         evaluator, evaluator_tokenizer = load_evaluator(cfg.eval.ppl_model, device, cfg.eval.tokenizer_path)

@@ -7,7 +7,9 @@ projects the positions it reveals, and the FLOPs count follows the same split.
 
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import ContextManager
 
 import torch
 import torch.nn.functional as F
@@ -138,6 +140,10 @@ class MDLMDenoiser(
         cos, sin = rotary_tables(config.seq_len, d // config.n_heads)
         self.register_buffer("rotary_cos", cos, persistent=False)
         self.register_buffer("rotary_sin", sin, persistent=False)
+        # How the trunk computes, not what the model is (so not in the config): None runs in the weights' dtype;
+        # torch.bfloat16 autocasts the blocks' products while the residual stream, the norms and the projection
+        # stay float32, as in bf16-mixed training and MDLM's own sampling.
+        self.compute_dtype: torch.dtype | None = None
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -164,13 +170,18 @@ class MDLMDenoiser(
             cond = F.silu(self.time_embed(timestep_embedding(t, self.config.cond_dim)))
         cos, sin = self.rotary_cos[:length], self.rotary_sin[:length]
         x = self.embed(z)
-        for block in self.blocks:
-            x = block(x, cos, sin, cond)
+        with self._trunk_precision(z.device):
+            for block in self.blocks:
+                x = block(x, cos, sin, cond)
         x = self.final_norm(x)
         if self.final_adaln is not None:
             shift, scale = self.final_adaln(cond)[:, None].chunk(2, dim=-1)
             x = x * (1 + scale) + shift
         return x
+
+    def _trunk_precision(self, device: torch.device) -> ContextManager[object]:
+        """Autocast to ``compute_dtype``; without one, nothing (an enclosing autocast, as in training, stays on)."""
+        return nullcontext() if self.compute_dtype is None else torch.autocast(device.type, dtype=self.compute_dtype)
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits over the vocabulary for any (..., d) hidden states; the mask token gets -inf (subs)."""
