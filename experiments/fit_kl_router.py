@@ -19,7 +19,7 @@ from adasched.analysis.step_statistics import StepRecords, rollout_records
 from adasched.cli import preflight, user_errors_exit
 from adasched.errors import ConfigError
 from adasched.jobs.arms import resolve_device
-from adasched.models.family import load_family
+from adasched.models.family import compute_dtype, load_family
 from adasched.sampling.spec import SamplingSpec
 from policies import kl_router, make_policy
 
@@ -43,6 +43,7 @@ def fit_kl_router(cfg: DictConfig) -> dict[str, Any]:
             f"need record_every > 0 and validation_fraction={cfg.validation_fraction} to hold out between 1 and "
             f"num_trajectories - 1 of num_trajectories={cfg.num_trajectories} trajectories"
         )
+    compute_dtype(cfg.precision, key="precision")
     device = resolve_device(cfg.device)
     family_dir = Path(cfg.family.dir)
     models = [m.to(device) for m in load_family({name: family_dir / name for name in cfg.family.members}, cfg.precision).values()]

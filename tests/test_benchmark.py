@@ -43,7 +43,7 @@ def test_benchmark_writes_timings_and_savings(tiny_family: Path, tmp_path: Path)
     assert saved == json.loads(json.dumps(results, default=str))
     meta = saved["metadata"]
     assert meta["device"] == "cpu" and meta["device_name"] and meta["torch"] == torch.__version__
-    assert meta["threads"] == 1 and meta["repeats"] == 2 and meta["dtype"] == "float32"
+    assert meta["threads"] == 1 and meta["repeats"] == 2 and meta["dtype"] == "float32" and meta["precision"] == "float32"
     assert torch.get_num_threads() == threads_before
     assert set(saved["sizes"]) == set(SIZES)
     vocab = {"shipped_b4": load_denoiser(tiny_family / "heavy").config.vocab_size, "paper": 50}
@@ -81,6 +81,7 @@ def test_benchmark_writes_timings_and_savings(tiny_family: Path, tmp_path: Path)
         (["size.paper.steps_timed=30"], r"size.paper.steps_timed=30 must lie in \[1, 25\]"),
         (["+policies.static_quarter.quarter=7"], "policy.quarter=7"),
         (["dtype=float8"], "dtype='float8' is unknown"),
+        (["precision=fp8"], "^precision='fp8' is unknown; choose one of: float32, bf16"),
         (["samplers=[fast]"], r"samplers=\['fast'\] is invalid; choose one or more of: event, step, reference"),
     ],
 )

@@ -38,7 +38,7 @@ from adasched.jobs.arms import resolve_device
 from adasched.jobs.run import BASELINE_POLICY
 from adasched.models.dit import DenoiserConfig, MDLMDenoiser
 from adasched.models.export import DTYPES
-from adasched.models.family import load_family
+from adasched.models.family import compute_dtype, load_family
 from adasched.sampling.costs import CostMeter
 from adasched.sampling.generation import Sampler
 from adasched.sampling.policy import DenoiseState, Policy, StepOutput
@@ -327,6 +327,7 @@ def benchmark(cfg: DictConfig) -> dict[str, Any]:
         check_size(name, cfg.size[name])
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
+    compute_dtype(cfg.precision, key="precision")
     with torch_threads(cfg.threads):
         results = benchmark_sizes(cfg, names, policies, device, dtype)
     print(format_table(results))
@@ -351,7 +352,8 @@ def benchmark_sizes(cfg: DictConfig, names: list[str], policies: dict[str, dict[
     results: dict[str, Any] = {
         "metadata": {
             "device": str(device), "device_name": device_name(device), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "dtype": str(dtype).removeprefix("torch."), "repeats": cfg.repeats,
+            "threads": torch.get_num_threads(), "dtype": str(dtype).removeprefix("torch."), "precision": cfg.precision,
+            "repeats": cfg.repeats,
             "statistic": "median over repeats", "seed": cfg.seed, "baseline": BASELINE_POLICY, "policies": policies,
         },
         "sizes": {},
@@ -360,6 +362,8 @@ def benchmark_sizes(cfg: DictConfig, names: list[str], policies: dict[str, dict[
     run_dir.mkdir(parents=True, exist_ok=True)
     for name in names:
         size = load_size(name, cfg.size[name], device, dtype, cfg.seed)
+        for model in size.models:
+            model.compute_dtype = compute_dtype(cfg.precision)
         results["sizes"][name] = benchmark_size(size, policies, list(cfg.samplers), cfg.repeats, cfg.seed)
         write_json_atomic(run_dir / "benchmark.json", results)
     return results
@@ -369,7 +373,7 @@ def format_table(results: dict[str, Any]) -> str:
     """One row per size, policy and sampler; '~' marks a slice's samples/s, extrapolated from its steps."""
     meta = results["metadata"]
     lines = [
-        f"device {meta['device_name']} ({meta['device']}, {meta['dtype']}, {meta['threads']} threads), torch {meta['torch']}, median of {meta['repeats']}",
+        f"device {meta['device_name']} ({meta['device']}, {meta['dtype']} weights, {meta['precision']} trunk, {meta['threads']} threads), torch {meta['torch']}, median of {meta['repeats']}",
         f"{'size':10} {'policy':16} {'sampler':9} {'s/step':>9} {'samples/s':>10} {'/ref':>7} {'/step':>7} {'wall saved':>10} {'FLOPs saved':>11} {'real/pred':>9}",
     ]
     for name, size in results["sizes"].items():

@@ -61,10 +61,10 @@ def check_family(members: dict[str, MDLMDenoiser]) -> None:
                 )
 
 
-def compute_dtype(precision: str) -> torch.dtype | None:
-    """The ``compute_dtype`` of a precision's name; a one-line error for an unknown one."""
+def compute_dtype(precision: str, key: str = "sampling.precision") -> torch.dtype | None:
+    """The ``compute_dtype`` of a precision's name; a one-line error naming the config ``key`` for an unknown one."""
     if precision not in PRECISIONS:
-        raise ConfigError(f"sampling.precision={precision!r} is unknown; choose one of: {', '.join(PRECISIONS)}")
+        raise ConfigError(f"{key}={precision!r} is unknown; choose one of: {', '.join(PRECISIONS)}")
     return PRECISIONS[precision]
 
 
