@@ -1,76 +1,18 @@
 """Fit the supervised KL router on all-heavy rollouts:  python experiments/fit_kl_router.py
 
-Rolls out ``num_trajectories`` samples on seeds disjoint from evaluation and calibration, records the
-path-KL increment of the light model at every ``record_every``-th step, fits the router on most trajectories, reports its error
-on the held-out ones and saves it to ``out_dir`` (where ``policy=kl_router`` reads it).
+Records the light model's path-KL increments along all-heavy trajectories, fits the router on most of them,
+reports its error on the rest and saves it where ``policy=kl_router`` reads it (``adasched/jobs/fit_kl_router.py``).
 """
 
-import sys
-import time
 from pathlib import Path
-from typing import Any
 
 import hydra
-import torch
 from omegaconf import DictConfig
-from tqdm.auto import tqdm
 
-from adasched.analysis.step_statistics import StepRecords, rollout_records
 from adasched.cli import preflight, user_errors_exit
-from adasched.errors import ConfigError
-from adasched.jobs.arms import resolve_device
-from adasched.models.family import compute_dtype, load_family
-from adasched.sampling.spec import SamplingSpec
-from policies import kl_router, make_policy
+from adasched.jobs.fit_kl_router import fit_kl_router
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-
-
-def collect(cfg: DictConfig, models: list, seeds: torch.Tensor) -> StepRecords:
-    """Records of every trajectory, sampled all-heavy with a progress bar over the loop's steps."""
-    spec = SamplingSpec(num_steps=cfg.num_steps, seq_len=cfg.seq_len, batch_size=cfg.batch_size)
-    with tqdm(desc="rollout steps", unit="step") as bar:
-        return rollout_records(
-            models, seeds, spec, make_policy("static_heavy"), record_every=cfg.record_every, heavy=cfg.heavy, light=cfg.light, on_step=bar.update
-        )
-
-
-def fit_kl_router(cfg: DictConfig) -> dict[str, Any]:
-    """Roll out, fit on the training trajectories, validate on the held-out ones, save; returns the fit metadata."""
-    held_out = round(cfg.validation_fraction * cfg.num_trajectories)
-    if cfg.record_every <= 0 or not 0 < held_out < cfg.num_trajectories:
-        raise ConfigError(
-            f"need record_every > 0 and validation_fraction={cfg.validation_fraction} to hold out between 1 and "
-            f"num_trajectories - 1 of num_trajectories={cfg.num_trajectories} trajectories"
-        )
-    compute_dtype(cfg.precision, key="precision")
-    device = resolve_device(cfg.device)
-    family_dir = Path(cfg.family.dir)
-    models = [m.to(device) for m in load_family({name: family_dir / name for name in cfg.family.members}, cfg.precision).values()]
-    seeds = cfg.seed + torch.arange(cfg.num_trajectories)
-    start = time.perf_counter()
-    records = collect(cfg, models, seeds)
-    rollout_s = time.perf_counter() - start
-    validation_seeds = seeds[-held_out:]
-    is_validation = torch.isin(records.seed, validation_seeds)
-    start = time.perf_counter()
-    train, validation = records.select(~is_validation), records.select(is_validation)
-    model, metadata = kl_router.fit(kl_router.examples(train.features, train.kl, len(models)), kl_router.examples(validation.features, validation.kl, len(models)), **cfg.fit)
-    metadata |= {
-        "command": " ".join(["python experiments/fit_kl_router.py", *sys.argv[1:]]),
-        "family": {"name": cfg.family.name, "members": list(cfg.family.members), "heavy": cfg.heavy, "light": cfg.light},
-        "behaviour": "static_heavy", "seed": cfg.seed, "num_trajectories": cfg.num_trajectories, "validation_trajectories": held_out,
-        "num_steps": cfg.num_steps, "seq_len": cfg.seq_len, "record_every": cfg.record_every, "device": str(device),
-        "kl_mean": float(records.kl.mean()), "kl_quantiles": {str(q): float(records.kl.quantile(q)) for q in (0.1, 0.5, 0.9)},
-        "rollout_wall_s": rollout_s, "fit_wall_s": time.perf_counter() - start,
-    }
-    kl_router.save(model, cfg.out_dir, len(models), metadata)
-    print(
-        f"fitted on {metadata['train_records']} records, validated on {metadata['validation_records']}: "
-        f"MSE of log1p(KL) {metadata['train_mse_initial']:.4f} -> {metadata['train_mse']:.4f} (train), "
-        f"{metadata['validation_mse']:.4f} (validation; its variance {metadata['validation_variance']:.4f}); saved to {cfg.out_dir}"
-    )
-    return metadata
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="fit_kl_router", version_base="1.3")

@@ -80,3 +80,19 @@ def test_calibration_meets_a_budget(router_dir: Path, models: list) -> None:
     policy = make_policy("kl_router", path=str(router_dir), budget=0.3)
     result = calibrate(policy, models, 1000 + torch.arange(4), SPEC, tolerance=0.03)
     assert abs(result.saved_executed - 0.3) <= 0.03 and policy.threshold == result.knob
+
+
+def test_the_fit_job_rolls_out_fits_and_saves_a_router_the_policy_loads(tiny_family: Path, tmp_path: Path) -> None:
+    from adasched.jobs.fit_kl_router import fit_kl_router
+    from tests.helpers import compose_config
+
+    cfg = compose_config("fit_kl_router", [
+        f"family.dir={tiny_family}", "num_trajectories=4", "batch_size=4", "num_steps=20", "seq_len=16",
+        "fit.steps=20", "device=cpu", "precision=bf16", f"out_dir={tmp_path / 'router'}",
+    ])
+    metadata = fit_kl_router(cfg)
+    assert metadata["num_trajectories"] == 4 and metadata["validation_trajectories"] == 1
+    assert metadata["train_records"] > 0 and metadata["validation_records"] > 0
+    _, saved = load(tmp_path / "router")
+    assert saved["fit"]["family"]["members"] == ["heavy", "light"] and saved["fit"]["precision"] == "bf16"
+    assert saved["fit"]["validation_mse"] == metadata["validation_mse"]
