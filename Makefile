@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: install demo test test-slow family family-scores clean-cache
+.PHONY: install demo test test-slow family family-scores paper clean-cache
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -44,6 +44,17 @@ family-heavy family-light family-ar_evaluator family-light_b3 family-light_b4 fa
 
 family-heavy_seed1: install
 	$(TRAIN) model=heavy seed=1 run_name=heavy_seed1 export_dir=$(SHIPPED)/heavy_seed1
+
+# Every experiment of docs/results.md, one after another (each resumes where it stopped when rerun).
+# PAPER_ARGS go to every sweep, e.g. PAPER_ARGS=sampling.precision=bf16 (step_importance takes no sampling.*).
+EXPERIMENTS := placement light_size light_fraction placement_prefix light_fraction_prefix exhaustive budget_comparison
+PAPER_ARGS ?=
+SWEEP := $(PY) experiments/sweep.py $(PAPER_ARGS)
+
+paper: install
+	$(PY) experiments/step_importance.py $(filter-out sampling.%,$(PAPER_ARGS))
+	for experiment in $(EXPERIMENTS); do $(SWEEP) experiment=$$experiment || exit 1; done
+	for depth in 3 4 5; do $(SWEEP) experiment=placement experiment.name=placement_b$$depth "family.members=[heavy,light_b$$depth]" || exit 1; done
 
 # Validation NELBO of the shipped members (the README's family table).
 family-scores: install
