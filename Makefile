@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: install demo test test-slow family family-scores paper clean-cache
+.PHONY: install demo test test-slow test-gpu family family-scores paper clean-cache
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -24,6 +24,9 @@ test: install
 
 test-slow: install
 	$(PY) -m pytest -m slow
+
+test-gpu: install
+	$(PY) -m pytest -m gpu
 
 # Retrain the shipped family (resumable: rerun to continue after an interruption). Each member trains until
 # its validation loss stops improving (early stopping) or FAMILY_STEPS; the best checkpoint is shipped.

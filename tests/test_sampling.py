@@ -15,7 +15,7 @@ from adasched.sampling import trajectory
 from adasched.sampling.policy import ENTROPY, PROBE_ENTROPY, DenoiseState, Policy
 from adasched.sampling.reference import reference_sample, step_sample
 from adasched.sampling.spec import SamplingSpec
-from adasched.sampling.trajectory import reveal_steps, sample, sample_categorical
+from adasched.sampling.trajectory import EventTrajectory, reveal_steps, run_policy, sample, sample_categorical
 from policies import make_policy, registered_policies
 from tests.helpers import MASK, family, fitted_kl_router, meter
 
@@ -274,3 +274,22 @@ def test_bf16_trunks_give_identical_tokens_in_every_sampler() -> None:
     seeds = torch.arange(24)
     runs = [sampler(models, make_policy("static_sandwich"), seeds, spec(64, batch_size=8), meter(models)) for sampler in SAMPLERS.values()]
     assert_identical_runs(runs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("name", "kwargs"), [("static_sandwich", {"light_fraction": 0.4}), ("mask_fraction_router", {})])
+def test_the_event_loop_never_waits_for_the_gpu(name: str, kwargs: dict) -> None:
+    """Policies that read no entropy decide on the host: the loop queues its work and never synchronizes."""
+    cpu_models = family(dtype=torch.float32)
+    models = [model.to("cuda") for model in cpu_models]
+    seeds = torch.arange(12)
+    policy = make_policy(name, **kwargs)
+    path = EventTrajectory(models, seeds.cuda(), spec(64, batch_size=4), meter(models), features=policy.features)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any synchronizing call raises
+    try:
+        on_gpu = run_policy(path, policy)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    on_cpu = sample(cpu_models, make_policy(name, **kwargs), seeds, spec(64, batch_size=4), meter(cpu_models))
+    assert (on_gpu.tokens.cpu() == on_cpu.tokens).float().mean() > 0.99  # float32 on another device: near-identical

@@ -43,6 +43,7 @@ def step_kl(
     Rows on model 0 (heavy) add exactly 0 and run nothing. Returns (R,) float64 and the FLOPs the forwards cost.
     """
     increment = torch.zeros(len(tokens), dtype=torch.float64, device=tokens.device)
+    t, action = t.to(tokens.device), action.to(tokens.device)  # a sampler's state and a policy's actions live on the host
     flops = 0.0
     seq_len = tokens.shape[1]
     heavy = models[0]

@@ -28,7 +28,6 @@ class CostMeter:
         self.names, self.blocks, self.time_models = list(names), list(blocks), time_models
         self.batched_forwards = [0] * len(names)  # model calls, counted on the host as they are launched
         self._device: torch.device | None = None
-        self._depth: torch.Tensor | None = None  # the members' depths on the device, once
         self._totals: dict[str, torch.Tensor] = {}
         self._wall_s = [0.0] * len(names)
         self._events: list[tuple[int, torch.cuda.Event, torch.cuda.Event]] = []
@@ -59,12 +58,11 @@ class CostMeter:
         """What all-heavy would have executed for the same rows and projections (probes excluded)."""
         self._add("baseline", flops, device=device)
 
-    def record_decisions(self, action: torch.Tensor, decided: torch.Tensor) -> None:
-        """Count the models chosen for the rows that reveal (``decided``): the nominal saving averages over these."""
-        if self._depth is None:
-            self._depth = torch.tensor(self.blocks, dtype=torch.float64, device=action.device)
-        self._add("nominal", torch.where(decided, 1 - self._depth[action] / self._depth[0], 0.0).sum())
-        self._add("decisions", decided.sum())
+    def record_decisions(self, nominal: float, decisions: int, device: torch.device) -> None:
+        """Count ``decisions`` model choices (rows that reveal) whose (B_0 - B_model) / B_0 sum to ``nominal``:
+        the nominal saving averages over these."""
+        self._add("nominal", nominal, device=device)
+        self._add("decisions", float(decisions), device=device)
 
     @contextmanager
     def timed(self, model: int, device: torch.device) -> Iterator[None]:

@@ -24,6 +24,7 @@ import torch
 from adasched.sampling.random_streams import REVEAL, uniforms
 from adasched.sampling.trajectory import (
     StepCounts,
+    StepRows,
     Trajectory,
     mean_entropy_per_row,
     sample,
@@ -43,8 +44,9 @@ class LockstepTrajectory(Trajectory):
         count = min(self.spec.batch_size, self.num_samples - self.next_sample)
         if count <= 0:
             return
-        self.slots = torch.arange(count, device=self.device)
-        self.load(self.slots, torch.arange(self.next_sample, self.next_sample + count, device=self.device))
+        self.slots = torch.arange(count)
+        self.device_slots = self.to_device(self.slots)
+        self.load(self.slots, torch.arange(self.next_sample, self.next_sample + count))
         self.next_sample += count
         self.step = 0
 
@@ -56,13 +58,16 @@ class LockstepTrajectory(Trajectory):
     def total_steps(self) -> int:
         return -(-self.num_samples // self.spec.batch_size) * self.spec.last_step
 
-    def next_rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        masked = self.tokens[self.slots] == self.mask_id
-        u = uniforms(self.row_seeds[self.slots], self.step, self.positions, REVEAL)
+    def next_rows(self) -> StepRows:
+        """Every row of the batch, its reveals drawn step by step on the device (and counted on the host: a wait
+        per step, which the event-driven sampler does not have)."""
+        masked = self.tokens[self.device_slots] == self.mask_id
+        u = uniforms(self.row_seeds[self.device_slots], self.step, self.positions, REVEAL)
         reveal = masked & (u < 1.0 / (self.spec.num_steps - self.step))
-        return self.slots, torch.full((len(self.slots),), self.step, device=self.device), reveal
+        steps = torch.full((len(self.slots),), self.step)
+        return StepRows(self.slots, steps, reveal.sum(1).cpu(), self.device_slots, self.to_device(steps), reveal)
 
-    def after_step(self, slots: torch.Tensor) -> None:
+    def after_step(self, rows: StepRows) -> None:
         self.step += 1
         if self.step == self.spec.last_step:
             self.unload(self.slots)
@@ -85,33 +90,34 @@ class ReferenceTrajectory(LockstepTrajectory):
         t = 1.0 - steps.double() / self.spec.num_steps
         return self.forward(model_index, slots, t, everywhere, probe).view(len(slots), self.spec.seq_len, -1)
 
-    def probe(self, slots: torch.Tensor, steps: torch.Tensor, reveal: torch.Tensor) -> torch.Tensor:
-        self._probe_logits = self.full_logits(self.probe_model, slots, steps, probe=True)
-        rows = reveal.nonzero(as_tuple=True)[0]
-        return mean_entropy_per_row(torch.softmax(self._probe_logits[reveal].double(), -1), rows, len(slots))
+    def probe(self, rows: StepRows) -> torch.Tensor:
+        self._probe_logits = self.full_logits(self.probe_model, rows.device_slots, rows.device_steps, probe=True)
+        owners = rows.reveal.nonzero(as_tuple=True)[0]
+        return mean_entropy_per_row(torch.softmax(self._probe_logits[rows.reveal].double(), -1), owners, len(rows.slots))
 
     def cache_is_valid(self, action: torch.Tensor) -> bool:
         time_dependent = any(self.models[m].config.time_conditioning for m in action.unique().tolist())
         return self._cached_logits is not None and torch.equal(action, self._cached_action) and not time_dependent
 
-    def denoise(self, slots: torch.Tensor, steps: torch.Tensor, reveal: torch.Tensor, action: torch.Tensor, counts: StepCounts) -> torch.Tensor:
+    def denoise(self, rows: StepRows, action: torch.Tensor, counts: StepCounts) -> torch.Tensor:
+        slots, steps, reveal = rows.device_slots, rows.device_steps, rows.reveal
         if not self.cache_is_valid(action):
             logits = None
             for model_index in action.unique().tolist():
-                rows = (action == model_index).nonzero(as_tuple=True)[0]
+                mine = (action == model_index).nonzero(as_tuple=True)[0]
                 if self._probe_logits is not None and model_index == self.probe_model:
-                    part = self._probe_logits[rows]  # the probe already ran this model on these rows
-                    self.charge_baseline(len(rows), len(rows) * self.spec.seq_len)
+                    part = self._probe_logits[mine]  # the probe already ran this model on these rows
+                    self.charge_baseline(len(mine), len(mine) * self.spec.seq_len)
                 else:
-                    part = self.full_logits(model_index, slots[rows], steps[rows])
+                    part = self.full_logits(model_index, slots[mine], steps[mine])
                 if logits is None:
                     logits = torch.empty(len(slots), *part.shape[1:], dtype=part.dtype, device=self.device)
-                logits[rows] = part
+                logits[mine] = part
             self._cached_logits, self._cached_action = logits, action
         self._probe_logits = None
         masked = self.tokens[slots] == self.mask_id
         entropy = self.draw(self._cached_logits[masked], slots, steps, masked.flatten().nonzero().squeeze(1), keep=reveal[masked])
-        if reveal.any():
+        if rows.reveal_count.any():
             self._cached_logits = None  # the batch changed: MDLM's cache is dropped
         return entropy
 
@@ -119,17 +125,27 @@ class ReferenceTrajectory(LockstepTrajectory):
 class StepTrajectory(LockstepTrajectory):
     """Every step, only the rows that reveal run their model (grouped), projecting only revealed positions."""
 
-    def probe(self, slots: torch.Tensor, steps: torch.Tensor, reveal: torch.Tensor) -> torch.Tensor:
-        active = reveal.any(1).nonzero(as_tuple=True)[0]
-        entropy = torch.full((len(slots),), float("nan"), dtype=torch.float64, device=self.device)
-        entropy[active] = self.probe_revealed(slots[active], steps[active], reveal[active])
+    def revealing(self, rows: StepRows) -> tuple[StepRows, torch.Tensor]:
+        """The rows of ``rows`` that reveal something at this step, and their indices among ``rows`` (device)."""
+        active = (rows.reveal_count > 0).nonzero(as_tuple=True)[0]
+        device_active = self.to_device(active)
+        subset = StepRows(
+            rows.slots[active], rows.steps[active], rows.reveal_count[active],
+            rows.device_slots[device_active], rows.device_steps[device_active], rows.reveal[device_active],
+        )
+        return subset, device_active
+
+    def probe(self, rows: StepRows) -> torch.Tensor:
+        active, device_active = self.revealing(rows)
+        entropy = torch.full((len(rows.slots),), float("nan"), dtype=torch.float64, device=self.device)
+        entropy[device_active] = self.probe_revealed(active)
         return entropy
 
-    def denoise(self, slots: torch.Tensor, steps: torch.Tensor, reveal: torch.Tensor, action: torch.Tensor, counts: StepCounts) -> torch.Tensor:
-        active = reveal.any(1).nonzero(as_tuple=True)[0]
-        entropy = torch.full((len(slots),), float("nan"), dtype=torch.float64, device=self.device)
-        if len(active):
-            entropy[active] = self.denoise_revealed(slots[active], steps[active], reveal[active], action[active], counts)
+    def denoise(self, rows: StepRows, action: torch.Tensor, counts: StepCounts) -> torch.Tensor:
+        active, device_active = self.revealing(rows)
+        entropy = torch.full((len(rows.slots),), float("nan"), dtype=torch.float64, device=self.device)
+        if len(active.slots):
+            entropy[device_active] = self.denoise_revealed(active, action[device_active], counts)
         return entropy
 
 

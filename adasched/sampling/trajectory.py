@@ -9,6 +9,11 @@ step, asks the policy about all of them at once, and runs each chosen model on a
 projecting only the revealed positions. A row that finishes hands its slot to the next sample (continuous
 batching), so every forward covers ``batch_size`` rows while samples remain.
 
+The plan also fixes, on the host, everything a policy sees but the entropies (each row's step, mask fraction,
+positions revealing, FLOPs so far), so policies decide on the host and every forward's shape is known there:
+on a GPU the event-driven loop queues its work without waiting for the device, unless its policy reads an
+entropy. Tokens, plans and the math stay on the device.
+
 All randomness comes from ``adasched.sampling.random_streams``, keyed by (sample seed, step, position), so the
 reference sampler (``adasched.sampling.reference``), which steps all rows through every step as MDLM does,
 produces the same tokens from the same seeds.
@@ -109,15 +114,31 @@ class StepCounts:
     positions: list[int]
 
 
+@dataclass
+class StepRows:
+    """The rows of one step on both sides: on the host what the policy sees and what sizes the forwards, on the
+    models' device what indexes the tokens and draws the random numbers."""
+
+    slots: torch.Tensor  # (R,) host
+    steps: torch.Tensor  # (R,) host
+    reveal_count: torch.Tensor  # (R,) host: positions each row reveals now
+    device_slots: torch.Tensor  # (R,) the same slots, on the device
+    device_steps: torch.Tensor  # (R,)
+    reveal: torch.Tensor  # (R, L) on the device: the positions revealing now
+
+
 class Trajectory(ABC):
     """Samples being denoised, stepped from outside: ``begin_step`` -> the policy decides -> ``advance``.
 
-    ``batch_size`` slots each hold one sample's tokens and the history its policy may read (last model,
-    last entropy, mask fraction at its previous forward, FLOPs so far at the event-driven sampler's prices
-    and all-heavy's for the same forwards). Those are updated only where a row reveals, identically in
-    every subclass, so every sampler shows the policy the same states. How the chosen models produce the
-    tokens, and which rows a step covers, is the subclass's. Stepping from outside the loop is what lets a
-    gymnasium environment drive the same sampler.
+    ``batch_size`` slots each hold one sample's tokens (on the models' device) and, on the host, the history its
+    policy may read (last model, last entropy, mask fraction at its previous forward, FLOPs so far at the
+    event-driven sampler's prices and all-heavy's for the same forwards). That history is a few numbers per row
+    and depends only on the reveal plan and the actions, so the policy decides on the host and the step's
+    forward shapes are known there: the loop need not wait for the device, except for what a policy asks to
+    read from it (entropies). The history is updated only where a row reveals, identically in every subclass,
+    so every sampler shows the policy the same states. How the chosen models produce the tokens, and which
+    rows a step covers, is the subclass's. Stepping from outside the loop is what lets a gymnasium environment
+    drive the same sampler.
     """
 
     def __init__(
@@ -137,45 +158,54 @@ class Trajectory(ABC):
         self.device = next(models[0].parameters()).device
         self.mask_id = models[0].config.mask_token_id
         self.prefix_len = 0 if prompts is None else prompts.shape[1]
+        self.generated = spec.seq_len - self.prefix_len
         self.positions = torch.arange(spec.seq_len, device=self.device)
         self.model_flops = tuple(float(m.flops_per_forward(spec.seq_len, spec.seq_len)) for m in models)
-        # per model: a forward's trunk and one projected position, on the host (whole forwards) and the device (per row)
+        # per model: a forward's trunk and one projected position (host numbers, and per row on the host)
         self.trunk = [float(m.flops_per_forward(spec.seq_len, 0)) for m in models]
         self.projection = [float(m.flops_per_forward(spec.seq_len, 1)) - f for m, f in zip(models, self.trunk)]
-        self.trunk_flops = torch.tensor(self.trunk, dtype=torch.float64, device=self.device)
-        self.projection_flops = torch.tensor(self.projection, dtype=torch.float64, device=self.device)
-        # the samples: given up front or enqueued later (an environment's next episodes)
-        self.seeds = torch.zeros(0, dtype=torch.int64, device=self.device)
+        self.trunk_flops = torch.tensor(self.trunk, dtype=torch.float64)
+        self.projection_flops = torch.tensor(self.projection, dtype=torch.float64)
+        self.depth_saving = torch.tensor([1 - m.config.n_blocks / models[0].config.n_blocks for m in models], dtype=torch.float64)
+        # the samples, given up front or enqueued later (an environment's next episodes): seeds on the host, the
+        # rest on the device
+        self.seeds = torch.zeros(0, dtype=torch.int64)
+        self.device_seeds = torch.zeros(0, dtype=torch.int64, device=self.device)
         self.prompts = None if prompts is None else torch.zeros(0, self.prefix_len, dtype=torch.int64, device=self.device)
         self.tokens_out = torch.zeros(0, spec.seq_len, dtype=torch.int64, device=self.device)
         self.plan = torch.zeros(0, spec.seq_len, dtype=torch.int64, device=self.device)
         self.actions_out = torch.zeros(spec.num_steps, 0, dtype=torch.int64, device=self.device)
         self.num_finished = 0
-        # the slots: one row each
+        # the slots, one row each: tokens, plans and seeds on the device ...
         slots = spec.batch_size
-        self.sample_of = torch.full((slots,), -1, dtype=torch.int64, device=self.device)  # -1: empty
         self.tokens = torch.full((slots, spec.seq_len), self.mask_id, dtype=torch.int64, device=self.device)
         self.row_plan = torch.zeros(slots, spec.seq_len, dtype=torch.int64, device=self.device)
         self.row_seeds = torch.zeros(slots, dtype=torch.int64, device=self.device)
-        self.last_action = torch.full((slots,), -1, dtype=torch.int64, device=self.device)
-        self.last_entropy = torch.full((slots,), float("nan"), dtype=torch.float64, device=self.device)
-        self.previous_mask = torch.ones(slots, dtype=torch.float64, device=self.device)
-        self.row_flops = torch.zeros(slots, dtype=torch.float64, device=self.device)
-        self.row_all_heavy = torch.zeros(slots, dtype=torch.float64, device=self.device)
-        self._decision: tuple[torch.Tensor, torch.Tensor, torch.Tensor, DenoiseState] | None = None
+        # ... and on the host what the policy sees
+        self.sample_of = torch.full((slots,), -1, dtype=torch.int64)  # -1: empty
+        self.slot_seeds = torch.zeros(slots, dtype=torch.int64)
+        self.masked = torch.zeros(slots, dtype=torch.int64)  # generated positions still masked
+        self.last_action = torch.full((slots,), -1, dtype=torch.int64)
+        self.last_entropy = torch.full((slots,), float("nan"), dtype=torch.float64)
+        self.previous_mask = torch.ones(slots, dtype=torch.float64)
+        self.row_flops = torch.zeros(slots, dtype=torch.float64)
+        self.row_all_heavy = torch.zeros(slots, dtype=torch.float64)
+        self._decision: tuple[StepRows, DenoiseState, torch.Tensor] | None = None
         self.enqueue(seeds, prompts)
 
     # -- samples -------------------------------------------------------------------------------------
 
     def enqueue(self, seeds: torch.Tensor, prompts: torch.Tensor | None = None) -> None:
         """Add samples (one per seed) to be denoised after those already given."""
-        seeds = seeds.to(self.device, torch.int64)
         if (prompts is None) != (self.prompts is None):
             raise ConfigError("either every sample of a trajectory has a prompt or none has")
-        self.seeds = torch.cat([self.seeds, seeds])
+        seeds = seeds.to(torch.int64)
+        device_seeds = seeds.to(self.device)
+        self.seeds = torch.cat([self.seeds, seeds.cpu()])
+        self.device_seeds = torch.cat([self.device_seeds, device_seeds])
         if prompts is not None:
             self.prompts = torch.cat([self.prompts, prompts.to(self.device, torch.int64)])
-        self.plan = torch.cat([self.plan, reveal_steps(seeds, self.spec.num_steps, self.spec.seq_len, self.prefix_len)])
+        self.plan = torch.cat([self.plan, reveal_steps(device_seeds, self.spec.num_steps, self.spec.seq_len, self.prefix_len)])
         self.tokens_out = torch.cat([self.tokens_out, torch.full((len(seeds), self.spec.seq_len), self.mask_id, device=self.device)])
         self.actions_out = torch.cat([self.actions_out, torch.full((self.spec.num_steps, len(seeds)), -1, device=self.device)], dim=1)
 
@@ -184,31 +214,34 @@ class Trajectory(ABC):
         return len(self.seeds)
 
     def load(self, slots: torch.Tensor, samples: torch.Tensor) -> None:
-        """Start ``samples`` in ``slots``: fully masked after their prompt, with no history."""
-        self.sample_of[slots] = samples
-        self.row_seeds[slots] = self.seeds[samples]
-        self.row_plan[slots] = self.plan[samples]
+        """Start ``samples`` (host indices) in ``slots`` (host indices): fully masked after their prompt, no history."""
+        device_slots, device_samples = self.to_device(slots), self.to_device(samples)
+        self.row_seeds[device_slots] = self.device_seeds[device_samples]
+        self.row_plan[device_slots] = self.plan[device_samples]
         tokens = torch.full((len(slots), self.spec.seq_len), self.mask_id, dtype=torch.int64, device=self.device)
         if self.prompts is not None:
-            tokens[:, : self.prefix_len] = self.prompts[samples]
-        self.tokens[slots] = tokens
+            tokens[:, : self.prefix_len] = self.prompts[device_samples]
+        self.tokens[device_slots] = tokens
+        self.sample_of[slots] = samples
+        self.slot_seeds[slots] = self.seeds[samples]
+        self.masked[slots] = self.generated
         self.last_action[slots] = -1
         self.last_entropy[slots] = float("nan")
         self.previous_mask[slots] = 1.0
         self.row_flops[slots] = 0.0
         self.row_all_heavy[slots] = 0.0
 
-    def to_device(self, values: list[int]) -> torch.Tensor:
-        """Host indices as an int64 tensor on the models' device; to a GPU through pinned memory, asynchronously
-        (a copy from pageable memory would wait for the device to finish its queue)."""
-        host = torch.tensor(values, dtype=torch.int64)
+    def to_device(self, values: torch.Tensor | list[int]) -> torch.Tensor:
+        """Host values on the models' device; to a GPU through pinned memory, asynchronously (a copy from pageable
+        memory would wait for the device to finish its queue). On a CPU the result may share memory with ``values``."""
+        host = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=torch.int64)
         if self.device.type != "cuda":
             return host.to(self.device)
         return host.pin_memory().to(self.device, non_blocking=True)
 
     def unload(self, slots: torch.Tensor) -> None:
-        """Keep the finished samples of ``slots`` and empty the slots."""
-        self.tokens_out[self.sample_of[slots]] = self.tokens[slots]
+        """Keep the finished samples of ``slots`` (host indices) and empty the slots."""
+        self.tokens_out[self.to_device(self.sample_of[slots])] = self.tokens[self.to_device(slots)]
         self.sample_of[slots] = -1
 
     # -- one step ------------------------------------------------------------------------------------
@@ -224,73 +257,79 @@ class Trajectory(ABC):
         """How many ``begin_step``/``advance`` rounds the samples given so far take (for progress bars)."""
 
     def open_step(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(R, L) z_t of the rows of the step ``begin_step`` opened, and the (R, L) positions they reveal."""
+        """(R, L) z_t of the rows of the step ``begin_step`` opened, and the (R, L) positions they reveal (device)."""
         if self._decision is None:
             raise RuntimeError("open_step() needs begin_step() first")
-        slots, _, reveal, _, _ = self._decision
-        return self.tokens[slots], reveal
+        rows = self._decision[0]
+        return self.tokens[rows.device_slots], rows.reveal
 
     @abstractmethod
-    def next_rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The rows of the next step: (slots (R,), their steps (R,), the positions they reveal (R, L))."""
+    def next_rows(self) -> StepRows:
+        """The rows of the next step."""
+
+    def device_t(self, rows: StepRows) -> torch.Tensor:
+        """(R,) float64 noise level at the start of each row's step, on the device."""
+        return 1.0 - rows.device_steps.double() / self.spec.num_steps
 
     def begin_step(self) -> DenoiseState:
-        """Pick the next step's rows, compute the features the policy asked for, and return their state."""
+        """Pick the next step's rows, compute the features the policy asked for, and return their (host) state."""
         if self.done:
             raise RuntimeError("the trajectory has no rows left to denoise")
-        slots, steps, reveal = self.next_rows()
-        generated = self.spec.seq_len - self.prefix_len
-        t = 1.0 - steps.double() / self.spec.num_steps
+        rows = self.next_rows()
+        slots = rows.slots
         state = DenoiseState(
-            num_steps=self.spec.num_steps, step=steps, t=t,
-            mask_fraction=(self.tokens[slots] == self.mask_id).sum(1).double() / generated,
-            previous_mask_fraction=self.previous_mask[slots], reveal_count=reveal.sum(1),
-            flops=self.row_flops[slots], all_heavy_flops=self.row_all_heavy[slots], model_flops=self.model_flops,
-            last_action=self.last_action[slots], last_entropy=self.last_entropy[slots], seeds=self.row_seeds[slots],
+            num_steps=self.spec.num_steps, step=rows.steps, t=1.0 - rows.steps.double() / self.spec.num_steps,
+            mask_fraction=self.masked[slots].double() / self.generated, previous_mask_fraction=self.previous_mask[slots],
+            reveal_count=rows.reveal_count, flops=self.row_flops[slots], all_heavy_flops=self.row_all_heavy[slots],
+            model_flops=self.model_flops, last_action=self.last_action[slots], last_entropy=self.last_entropy[slots],
+            seeds=self.slot_seeds[slots],
         )
-        probe_flops = torch.zeros(len(slots), dtype=torch.float64, device=self.device)
+        probe_flops = torch.zeros(len(slots), dtype=torch.float64)
         if PROBE_ENTROPY in self.features:
-            state.extras[PROBE_ENTROPY] = self.probe(slots, steps, reveal)
-            probe_flops = self.note_forward(slots, self.probe_model, state.reveal_count, probe=True)[0]
-        self._decision = (slots, steps, reveal, state, probe_flops)
+            state.extras[PROBE_ENTROPY] = self.probe(rows).cpu()  # the policy reads the device: its one wait
+            probe_flops = self.note_forward(slots, self.probe_model, rows.reveal_count, probe=True)[0]
+        self._decision = (rows, state, probe_flops)
         return state
 
     def advance(self, action: torch.Tensor) -> StepOutput:
         """Run every row's chosen model (``action``, one index per row of the state) and write its tokens."""
         if self._decision is None:
             raise RuntimeError("advance() needs begin_step() first")
-        slots, steps, reveal, state, probe_flops = self._decision
-        action = action.to(self.device)
-        if action.shape != (len(slots),):
-            raise ValueError(f"action must hold {len(slots)} model indices in [0, {len(self.models)}), got {action.tolist()}")
-        decided = state.reveal_count > 0  # rows that reveal: every row of the event sampler, some of the reference's
-        counts = self.step_counts(action, decided, state.reveal_count)
-        self.meter.record_decisions(action, decided)
-        samples = self.sample_of[slots]
-        self.actions_out[steps, samples] = torch.where(decided, action, self.actions_out[steps, samples])
-        entropy = self.denoise(slots, steps, reveal, action, counts)
-        flops, all_heavy = self.note_forward(slots, action, state.reveal_count)
+        rows, state, probe_flops = self._decision
+        action = action.to("cpu", torch.int64)
+        if action.shape != (len(rows.slots),):
+            raise ValueError(f"action must hold {len(rows.slots)} model indices in [0, {len(self.models)}), got {action.tolist()}")
+        decided = rows.reveal_count > 0  # rows that reveal: every row of the event sampler, some of the reference's
+        counts = self.step_counts(action, decided, rows.reveal_count)
+        self.meter.record_decisions(float(self.depth_saving[action][decided].sum()), int(decided.sum()), self.device)
+        recorded = torch.where(decided, action, -1)  # -1: the row revealed nothing at this step
+        sent = self.to_device(torch.stack([action, recorded, self.sample_of[rows.slots]]))  # one copy for the three
+        device_action, device_recorded, device_samples = sent.unbind()
+        self.actions_out[rows.device_steps, device_samples] = device_recorded
+        entropy = self.denoise(rows, device_action, counts)
+        entropy = entropy.cpu() if ENTROPY in self.features else torch.full((len(rows.slots),), float("nan"), dtype=torch.float64)
+        flops, all_heavy = self.note_forward(rows.slots, action, rows.reveal_count)
+        slots = rows.slots
         self.last_action[slots] = torch.where(decided, action, self.last_action[slots])
         self.last_entropy[slots] = torch.where(decided, entropy, self.last_entropy[slots])
         self.previous_mask[slots] = torch.where(decided, state.mask_fraction, self.previous_mask[slots])
+        self.masked[slots] -= rows.reveal_count
         self._decision = None
-        self.after_step(slots)
-        return StepOutput(state.reveal_count, entropy, flops + probe_flops, all_heavy)
+        self.after_step(rows)
+        return StepOutput(rows.reveal_count, entropy, flops + probe_flops, all_heavy)
 
     def step_counts(self, action: torch.Tensor, decided: torch.Tensor, revealed: torch.Tensor) -> StepCounts:
-        """Rows that reveal and positions they reveal, per model: the shapes of the step's forwards, read from the
-        device in one transfer (the loop's one synchronization). An index outside the family, for any row, is a
-        ValueError."""
+        """Rows that reveal and positions they reveal, per model: the shapes of the step's forwards, from host
+        values. An index outside the family, for any row, is a ValueError."""
         num_models = len(self.models)
-        bins = action.clamp(-1, num_models) + 1  # 0 and num_models + 1 collect indices outside [0, num_models)
-        per_model = [torch.bincount(bins, weights=weights.double(), minlength=num_models + 2) for weights in (torch.ones_like(decided), decided, revealed)]
-        every_row, rows, positions = ([round(value) for value in counts] for counts in torch.stack(per_model).tolist())
-        if every_row[0] or every_row[-1]:
+        if action.numel() and (int(action.min()) < 0 or int(action.max()) >= num_models):
             raise ValueError(f"action must hold {len(action)} model indices in [0, {num_models}), got {action.tolist()}")
-        return StepCounts(rows[1:-1], positions[1:-1])
+        rows = torch.bincount(action[decided], minlength=num_models)
+        positions = torch.bincount(action, weights=revealed.double(), minlength=num_models)
+        return StepCounts(rows.tolist(), [round(value) for value in positions.tolist()])
 
     def note_forward(self, slots: torch.Tensor, model: torch.Tensor | int, revealed: torch.Tensor, probe: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """Add the rows' forwards to their policy-visible costs, at the event-driven sampler's prices.
+        """Add the rows' forwards to their policy-visible costs (host), at the event-driven sampler's prices.
 
         Only rows that reveal pay: the trunk plus a projection per revealed position. The all-heavy
         figure grows with decisions only (a probe is extra work that all-heavy would not have done).
@@ -306,8 +345,8 @@ class Trajectory(ABC):
     def forward(self, model_index: int, slots: torch.Tensor, t: torch.Tensor, flat: torch.Tensor, probe: bool = False) -> torch.Tensor:
         """Logits of model ``model_index`` for ``slots`` at the positions ``flat`` (row * L + column, row-major), charged.
 
-        A ``probe`` forward is charged to the model but not to the all-heavy baseline: all-heavy would not
-        have probed, so the probe's cost shows up as FLOPs not saved.
+        ``slots``, ``t`` and ``flat`` are on the device. A ``probe`` forward is charged to the model but not to the
+        all-heavy baseline: all-heavy would not have probed, so the probe's cost shows up as FLOPs not saved.
         """
         model = self.models[model_index]
         rows = max(1, len(slots) if self.device.type != "cpu" else CPU_FORWARD_TOKENS // self.spec.seq_len)
@@ -329,7 +368,8 @@ class Trajectory(ABC):
 
     def draw(self, logits: torch.Tensor, slots: torch.Tensor, steps: torch.Tensor, flat: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         """Sample tokens at the positions ``flat`` (row * L + column, as ``logits``) and write them, or only the
-        ``keep`` ones of them (MDLM draws at every masked position and keeps the revealing ones); per-row mean entropy."""
+        ``keep`` ones of them (MDLM draws at every masked position and keeps the revealing ones); per-row mean
+        entropy. Everything here is on the device."""
         rows, columns = flat // self.spec.seq_len, flat % self.spec.seq_len
         u = uniforms_at(self.row_seeds[slots][rows], steps[rows], columns, TOKEN)
         drawn, probs = sample_categorical(logits, u, self.spec.top_p)
@@ -340,66 +380,67 @@ class Trajectory(ABC):
             return torch.full((len(slots),), float("nan"), dtype=torch.float64, device=self.device)
         return mean_entropy_per_row(probs, rows, len(slots))
 
-    def probe_revealed(self, slots: torch.Tensor, steps: torch.Tensor, reveal: torch.Tensor) -> torch.Tensor:
+    def probe_revealed(self, rows: StepRows) -> torch.Tensor:
         """``probe`` projecting only the revealing positions; keeps the logits for rows that stay on the probe model."""
-        t = 1.0 - steps.double() / self.spec.num_steps
-        flat = reveal.flatten().nonzero().squeeze(1)  # a probe's shape is read before the policy acts: one more sync
-        logits = self.forward(self.probe_model, slots, t, flat, probe=True)
-        rows = flat // self.spec.seq_len
-        self._probe_logits, self._probe_rows = logits, rows
-        return mean_entropy_per_row(torch.softmax(logits.double(), -1), rows, len(slots))
+        flat = torch.nonzero_static(rows.reveal.flatten(), size=int(rows.reveal_count.sum())).squeeze(1)
+        logits = self.forward(self.probe_model, rows.device_slots, self.device_t(rows), flat, probe=True)
+        owners = flat // self.spec.seq_len
+        self._probe_logits, self._probe_rows = logits, owners
+        return mean_entropy_per_row(torch.softmax(logits.double(), -1), owners, len(rows.slots))
 
-    def denoise_revealed(self, slots: torch.Tensor, steps: torch.Tensor, reveal: torch.Tensor, action: torch.Tensor, counts: StepCounts) -> torch.Tensor:
+    def denoise_revealed(self, rows: StepRows, action: torch.Tensor, counts: StepCounts) -> torch.Tensor:
         """``denoise`` with one forward per chosen model over its rows, projecting only the revealing positions.
 
         Every row reveals. The shapes come from ``counts``, so selecting rows and positions waits for nothing.
         """
-        entropy = torch.full((len(slots),), float("nan"), dtype=torch.float64, device=self.device)
-        t = 1.0 - steps.double() / self.spec.num_steps
+        entropy = torch.full((len(rows.slots),), float("nan"), dtype=torch.float64, device=self.device)
+        t, slots, steps = self.device_t(rows), rows.device_slots, rows.device_steps
         for model_index, (count, projected) in enumerate(zip(counts.rows, counts.positions)):
             if not count:
                 continue
             chosen = action == model_index
-            rows = torch.nonzero_static(chosen, size=count).squeeze(1)
-            flat = torch.nonzero_static(reveal[rows].flatten(), size=projected).squeeze(1)
+            mine = torch.nonzero_static(chosen, size=count).squeeze(1)
+            flat = torch.nonzero_static(rows.reveal[mine].flatten(), size=projected).squeeze(1)
             if PROBE_ENTROPY in self.features and model_index == self.probe_model:
-                mine = torch.nonzero_static(chosen[self._probe_rows], size=projected).squeeze(1)
-                logits = self._probe_logits[mine]  # the probe ran this model on these rows: reuse its logits
+                reused = torch.nonzero_static(chosen[self._probe_rows], size=projected).squeeze(1)
+                logits = self._probe_logits[reused]  # the probe ran this model on these rows: reuse its logits
                 self.charge_baseline(count, projected)
             else:
-                logits = self.forward(model_index, slots[rows], t[rows], flat)
-            entropy[rows] = self.draw(logits, slots[rows], steps[rows], flat)
+                logits = self.forward(model_index, slots[mine], t[mine], flat)
+            entropy[mine] = self.draw(logits, slots[mine], steps[mine], flat)
         self._probe_logits = self._probe_rows = None
         return entropy
 
     @abstractmethod
-    def probe(self, slots: torch.Tensor, steps: torch.Tensor, reveal: torch.Tensor) -> torch.Tensor:
-        """(R,) mean entropy of the probe model's prediction at the positions revealing now (NaN where none)."""
+    def probe(self, rows: StepRows) -> torch.Tensor:
+        """(R,) mean entropy (device) of the probe model's prediction at the positions revealing now (NaN where none)."""
 
     @abstractmethod
-    def denoise(self, slots: torch.Tensor, steps: torch.Tensor, reveal: torch.Tensor, action: torch.Tensor, counts: StepCounts) -> torch.Tensor:
-        """Write the revealed tokens; returns (R,) mean entropy of the draws (NaN where none or not wanted)."""
+    def denoise(self, rows: StepRows, action: torch.Tensor, counts: StepCounts) -> torch.Tensor:
+        """Write the revealed tokens (``action`` on the device); returns (R,) mean entropy of the draws on the
+        device (NaN where none or not wanted)."""
 
-    def after_step(self, slots: torch.Tensor) -> None:
+    def after_step(self, rows: StepRows) -> None:
         """Bookkeeping once a step's tokens are written (finishing rows, moving on)."""
 
     def output(self) -> SampleOutput:
-        return SampleOutput(self.seeds, self.tokens_out, self.plan, self.actions_out)
+        return SampleOutput(self.device_seeds, self.tokens_out, self.plan, self.actions_out)
 
 
 class EventTrajectory(Trajectory):
     """adasched's sampler: every step moves each row to its own next reveal, one forward per chosen model.
 
-    Which rows finish when is known from the reveal plan, on the host, so the loop never waits for the
-    device to learn it, nor for costs (they stay on the device), and new rows' indices go to a GPU
-    asynchronously. What remains is one read per step: the shapes of its forwards (rows and positions per
-    model, ``step_counts``), which depend on the policy's choice. A probe reads its own shape once more.
+    Each sample's reveal steps and how many positions reveal at each are read to the host once, when the
+    sample is enqueued. From then on the host knows which rows finish when, what the policy sees and, from
+    its actions, the shapes of every forward; costs are host numbers, and indices go to a GPU asynchronously.
+    So the loop never waits for the device, unless the policy reads entropies from it.
     """
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         self.events_left: list[int] = []  # per slot: reveal steps still to come (0: empty)
         self.queue: list[int] = []  # samples not started yet
-        self.event_counts: list[int] = []  # per sample: its number of distinct reveal steps
+        self.events: list[tuple[list[int], list[int]]] = []  # per sample: its reveal steps and positions revealed at each
+        self._busy: list[int] = []  # the slots holding a sample
         super().__init__(*args, **kwargs)
         self.events_left = [0] * self.spec.batch_size
         self.fill()
@@ -407,10 +448,9 @@ class EventTrajectory(Trajectory):
     def enqueue(self, seeds: torch.Tensor, prompts: torch.Tensor | None = None) -> None:
         first = self.num_samples
         super().enqueue(seeds, prompts)
-        plan = self.plan[first:, self.prefix_len :].sort(dim=1).values
-        kept = plan < self.spec.last_step
-        counts = ((plan[:, 1:] != plan[:, :-1]) & kept[:, 1:]).sum(1) + kept[:, 0]
-        self.event_counts += counts.tolist()
+        for row in self.plan[first:, self.prefix_len :].cpu():  # the one read of these samples' plans
+            steps, counts = torch.unique(row[row < self.spec.last_step], return_counts=True)
+            self.events.append((steps.tolist(), counts.tolist()))
         self.queue += list(range(first, self.num_samples))
         if self.events_left:
             self.fill()
@@ -421,17 +461,18 @@ class EventTrajectory(Trajectory):
         slots, samples = [], []
         while empty and self.queue:
             sample = self.queue.pop(0)
-            if self.event_counts[sample] == 0:
+            if not self.events[sample][0]:
                 if self.prompts is not None:
                     self.tokens_out[sample, : self.prefix_len] = self.prompts[sample]
                 continue
             slot = empty.pop(0)
-            self.events_left[slot] = self.event_counts[sample]
+            self.events_left[slot] = len(self.events[sample][0])
             slots.append(slot)
             samples.append(sample)
         if slots:
-            self.load(self.to_device(slots), self.to_device(samples))
-            self._busy = self.to_device(self.busy_slots)
+            self.load(torch.tensor(slots), torch.tensor(samples))
+            self._busy = self.busy_slots
+            self._device_busy = self.to_device(self._busy)
 
     @property
     def done(self) -> bool:
@@ -441,36 +482,44 @@ class EventTrajectory(Trajectory):
     def total_steps(self) -> int:
         """Rounds until the last sample finishes, from the event counts: slots refill in order as they free."""
         free_at = [0] * self.spec.batch_size
-        for count in filter(None, self.event_counts):
-            slot = min(range(len(free_at)), key=lambda s: (free_at[s], s))
-            free_at[slot] += count
+        for steps, _ in self.events:
+            if steps:
+                slot = min(range(len(free_at)), key=lambda s: (free_at[s], s))
+                free_at[slot] += len(steps)
         return max(free_at)
 
     @property
     def busy_slots(self) -> list[int]:
         return [slot for slot, left in enumerate(self.events_left) if left]
 
-    def next_rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        slots = self._busy
-        plan, masked = self.row_plan[slots], self.tokens[slots] == self.mask_id
-        steps = torch.where(masked, plan, self.spec.num_steps).amin(1)
-        return slots, steps, masked & (plan == steps[:, None])
+    def next_event(self, slot: int) -> tuple[int, int]:
+        """The slot's next reveal step and how many positions reveal at it."""
+        steps, counts = self.events[int(self.sample_of[slot])]
+        index = len(steps) - self.events_left[slot]
+        return steps[index], counts[index]
 
-    def probe(self, slots: torch.Tensor, steps: torch.Tensor, reveal: torch.Tensor) -> torch.Tensor:
-        return self.probe_revealed(slots, steps, reveal)
+    def next_rows(self) -> StepRows:
+        steps, counts = zip(*(self.next_event(slot) for slot in self._busy))
+        device_steps = self.to_device(list(steps))
+        reveal = self.row_plan[self._device_busy] == device_steps[:, None]  # a position is masked until its step
+        return StepRows(torch.tensor(self._busy), torch.tensor(steps), torch.tensor(counts), self._device_busy, device_steps, reveal)
 
-    def denoise(self, slots: torch.Tensor, steps: torch.Tensor, reveal: torch.Tensor, action: torch.Tensor, counts: StepCounts) -> torch.Tensor:
-        return self.denoise_revealed(slots, steps, reveal, action, counts)
+    def probe(self, rows: StepRows) -> torch.Tensor:
+        return self.probe_revealed(rows)
 
-    def after_step(self, slots: torch.Tensor) -> None:
+    def denoise(self, rows: StepRows, action: torch.Tensor, counts: StepCounts) -> torch.Tensor:
+        return self.denoise_revealed(rows, action, counts)
+
+    def after_step(self, rows: StepRows) -> None:
         finished = []
-        for slot in self.busy_slots:
+        for slot in self._busy:
             self.events_left[slot] -= 1
             if not self.events_left[slot]:
                 finished.append(slot)
         if finished:
-            self.unload(self.to_device(finished))
-            self._busy = self.to_device(self.busy_slots)
+            self.unload(torch.tensor(finished))
+            self._busy = self.busy_slots
+            self._device_busy = self.to_device(self._busy)
             self.fill()
 
 
