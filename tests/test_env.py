@@ -153,6 +153,8 @@ def test_missing_router_and_bad_budget_fail_on_one_line(tiny_family: Path, tmp_p
         make_policy("learned_router", path=str(tmp_path))
     with pytest.raises(ConfigError, match="budget=1.5 is invalid"):
         train_router(router_config(tiny_family, tmp_path, "budget=1.5"))
+    with pytest.raises(ConfigError, match="sampling.precision='half' is unknown"):
+        train_router(router_config(tiny_family, tmp_path, "sampling.precision=half"))
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     (tmp_path / "run" / "checkpoints" / "router_64_steps.zip").touch()
     with pytest.raises(ConfigError, match="already holds a run"):

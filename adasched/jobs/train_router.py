@@ -35,7 +35,7 @@ from adasched.errors import ConfigError
 from adasched.io import atomic_path, write_json_atomic, write_text_atomic
 from adasched.jobs.arms import resolve_device
 from adasched.jobs.train import LOGGER_MODES
-from adasched.models.family import load_family
+from adasched.models.family import compute_dtype, load_family
 from adasched.rl.env import (
     EpisodeConfig,
     LagrangeMultiplier,
@@ -53,6 +53,7 @@ CHECKPOINT_PREFIX = "router"
 def validate(cfg: DictConfig) -> None:
     """Fail early, on one line, before any model loads."""
     check_budget(cfg.budget)
+    compute_dtype(cfg.sampling.precision)
     if cfg.logger.mode not in LOGGER_MODES:
         raise ConfigError(f"logger.mode={cfg.logger.mode!r} is invalid; choose one of {', '.join(LOGGER_MODES)}")
     for key in ("torch_threads", "ppo.total_timesteps", "env.num_envs", "checkpoint_every_n_timesteps", "sampling.num_steps"):
