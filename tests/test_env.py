@@ -174,3 +174,14 @@ def test_a_folder_of_routers_serves_the_one_trained_nearest_the_budget(tmp_path:
         assert policy.info["budget"] in (0.17, 0.33) and all(bool((policy.act(state) == model).all()) for state in synthetic_states(4, 20, 2, seed=0))
     with pytest.raises(ConfigError, match=f"{tmp_path} holds routers trained for budgets 0.17, 0.33; pass budget="):
         make_policy("learned_router", path=str(tmp_path))
+
+
+def test_convergence_compares_the_last_fifth_of_a_curve_with_the_fifth_before() -> None:
+    from adasched.jobs.train_router import convergence
+
+    rows = [{"timesteps": float(t), "episode_return": -10.0 + t / 100, "path_kl": 5.0, "saved_executed": 0.17, "lambda": 1.0} for t in range(100, 1001, 100)]
+    summary = convergence(rows)
+    assert summary["rollouts_last"] == 2  # timesteps 900 and 1000
+    assert summary["episode_return_last"] == pytest.approx(-10 + 9.5) and summary["episode_return_change"] == pytest.approx(2.0)
+    assert summary["path_kl_change"] == 0 and summary["saved_executed_last"] == pytest.approx(0.17)
+    assert convergence([]) == {} and convergence(rows[:1])["episode_return_change"] is None

@@ -148,6 +148,22 @@ class TrainingCurve(BaseCallback):
         write_text_atomic(self.path, buffer.getvalue())
 
 
+def convergence(rows: list[dict[str, float]], last_fraction: float = 0.2) -> dict[str, Any]:
+    """How flat the curve ended: each measure's mean over the last ``last_fraction`` of timesteps and its change
+    from the window before (as long); a flat run changes little, and its saving sits at the budget."""
+    if not rows:
+        return {}
+    end = rows[-1]["timesteps"]
+    last = [r for r in rows if r["timesteps"] > end * (1 - last_fraction)]
+    before = [r for r in rows if end * (1 - 2 * last_fraction) < r["timesteps"] <= end * (1 - last_fraction)]
+    summary: dict[str, Any] = {"last_fraction": last_fraction, "rollouts_last": len(last)}
+    for key in ("episode_return", "path_kl", "saved_executed", "lambda"):
+        mean_last = float(np.mean([r[key] for r in last]))
+        summary[f"{key}_last"] = round(mean_last, 4)
+        summary[f"{key}_change"] = round(mean_last - float(np.mean([r[key] for r in before])), 4) if before else None
+    return summary
+
+
 class WandbWriter(KVWriter):
     """Forwards SB3's logged values to a W&B run."""
 
@@ -250,7 +266,9 @@ def train_router(cfg: DictConfig) -> dict[str, Any]:
         "lambda": multiplier.value,
         "last_episodes": env.last_summary,  # saved_executed, path_kl and lambda of the last num_envs finished episodes
         "training_curve": CURVE_FILE,
+        "convergence": convergence(curve.rows),
         "train_wall_seconds": curve.rows[-1]["wall_s"] if curve.rows else None,
+        "precision": cfg.sampling.precision,
         "num_steps": cfg.sampling.num_steps,
         "seq_len": cfg.sampling.seq_len,
         "timesteps": model.num_timesteps,
