@@ -87,7 +87,7 @@ class ReferenceTrajectory(LockstepTrajectory):
 
     def full_logits(self, model_index: int, slots: torch.Tensor, steps: torch.Tensor, probe: bool = False) -> torch.Tensor:
         everywhere = torch.arange(len(slots) * self.spec.seq_len, device=self.device)
-        t = 1.0 - steps.double() / self.spec.num_steps
+        t = self.noise_level(steps)
         return self.forward(model_index, slots, t, everywhere, probe).view(len(slots), self.spec.seq_len, -1)
 
     def probe(self, rows: StepRows) -> torch.Tensor:

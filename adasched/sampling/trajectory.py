@@ -267,9 +267,9 @@ class Trajectory(ABC):
     def next_rows(self) -> StepRows:
         """The rows of the next step."""
 
-    def device_t(self, rows: StepRows) -> torch.Tensor:
-        """(R,) float64 noise level at the start of each row's step, on the device."""
-        return 1.0 - rows.device_steps.double() / self.spec.num_steps
+    def noise_level(self, steps: torch.Tensor) -> torch.Tensor:
+        """Float64 t at the start of each of ``steps`` (on the host for the policy, on the device for the models)."""
+        return 1.0 - steps.double() / self.spec.num_steps
 
     def begin_step(self) -> DenoiseState:
         """Pick the next step's rows, compute the features the policy asked for, and return their (host) state."""
@@ -278,7 +278,7 @@ class Trajectory(ABC):
         rows = self.next_rows()
         slots = rows.slots
         state = DenoiseState(
-            num_steps=self.spec.num_steps, step=rows.steps, t=1.0 - rows.steps.double() / self.spec.num_steps,
+            num_steps=self.spec.num_steps, step=rows.steps, t=self.noise_level(rows.steps),
             mask_fraction=self.masked[slots].double() / self.generated, previous_mask_fraction=self.previous_mask[slots],
             reveal_count=rows.reveal_count, flops=self.row_flops[slots], all_heavy_flops=self.row_all_heavy[slots],
             model_flops=self.model_flops, last_action=self.last_action[slots], last_entropy=self.last_entropy[slots],
@@ -383,7 +383,7 @@ class Trajectory(ABC):
     def probe_revealed(self, rows: StepRows) -> torch.Tensor:
         """``probe`` projecting only the revealing positions; keeps the logits for rows that stay on the probe model."""
         flat = torch.nonzero_static(rows.reveal.flatten(), size=int(rows.reveal_count.sum())).squeeze(1)
-        logits = self.forward(self.probe_model, rows.device_slots, self.device_t(rows), flat, probe=True)
+        logits = self.forward(self.probe_model, rows.device_slots, self.noise_level(rows.device_steps), flat, probe=True)
         owners = flat // self.spec.seq_len
         self._probe_logits, self._probe_rows = logits, owners
         return mean_entropy_per_row(torch.softmax(logits.double(), -1), owners, len(rows.slots))
@@ -394,7 +394,7 @@ class Trajectory(ABC):
         Every row reveals. The shapes come from ``counts``, so selecting rows and positions waits for nothing.
         """
         entropy = torch.full((len(rows.slots),), float("nan"), dtype=torch.float64, device=self.device)
-        t, slots, steps = self.device_t(rows), rows.device_slots, rows.device_steps
+        t, slots, steps = self.noise_level(rows.device_steps), rows.device_slots, rows.device_steps
         for model_index, (count, projected) in enumerate(zip(counts.rows, counts.positions)):
             if not count:
                 continue
