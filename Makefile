@@ -32,10 +32,12 @@ test-gpu: install
 # its validation loss stops improving (early stopping) or FAMILY_STEPS; the best checkpoint is shipped.
 # On a 2-core CPU two members side by side at one thread each train ~9% more per hour in all (docs/training.md):
 #   make -j2 family FAMILY_THREADS=1
+# On a GPU:  make family FAMILY_ARGS=trainer=gpu  (FAMILY_ARGS go to every member's training)
 # Members are listed so that -j2 pairs a deep member with shallow ones.
 FAMILY_STEPS ?= 8000
 FAMILY_THREADS ?= null
-TRAIN := $(PY) experiments/train.py trainer.max_steps=$(FAMILY_STEPS) threads=$(FAMILY_THREADS)
+FAMILY_ARGS ?=
+TRAIN := $(PY) experiments/train.py trainer.max_steps=$(FAMILY_STEPS) threads=$(FAMILY_THREADS) $(FAMILY_ARGS)
 SHIPPED := checkpoints/shakespeare
 MEMBERS := heavy light ar_evaluator light_b3 heavy_seed1 light_b4 light_b5
 .PHONY: $(addprefix family-,$(MEMBERS))
