@@ -46,3 +46,8 @@ def test_every_recipe_is_timed_at_every_depth(tmp_path: Path, tiny_corpus: dict[
 def test_an_unknown_baseline_is_refused_by_name(tmp_path: Path, tiny_corpus: dict[str, str]) -> None:
     with pytest.raises(ConfigError, match="baseline='fast' is not a recipe"):
         benchmark_training(tiny_config(tmp_path, tiny_corpus, "baseline=fast"))
+
+
+def test_a_recipe_missing_a_setting_is_refused_by_name(tmp_path: Path, tiny_corpus: dict[str, str]) -> None:
+    with pytest.raises(ConfigError, match="recipes.quick lacks compile, fused_loop; a recipe sets each of"):
+        benchmark_training(tiny_config(tmp_path, tiny_corpus, "+recipes.quick={precision: 32-true, dropout: 0.0}"))

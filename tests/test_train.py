@@ -90,6 +90,7 @@ def run_cli(*overrides: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
         (["trainer.max_steps=-5"], "trainer.max_steps=-5 is invalid; it must be a positive integer"),
         (["data=text_files", "data.corpus.train_files=[no_such_corpus.txt]"], "corpus file not found: no_such_corpus.txt"),
         (["logger.mode=loud"], "logger.mode='loud' is invalid"),
+        (["optim.fused=maybe"], "optim.fused='maybe' is invalid; it must be true or false"),
     ],
 )
 def test_cli_rejects_bad_values_with_one_line(overrides: list[str], expected: str, tmp_path: Path) -> None:

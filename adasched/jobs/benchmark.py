@@ -360,10 +360,11 @@ def benchmark_sizes(cfg: DictConfig, names: list[str], policies: dict[str, dict[
     }
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    trunk_dtype = compute_dtype(cfg.precision, key="precision")
     for name in names:
         size = load_size(name, cfg.size[name], device, dtype, cfg.seed)
         for model in size.models:
-            model.compute_dtype = compute_dtype(cfg.precision)
+            model.compute_dtype = trunk_dtype
         results["sizes"][name] = benchmark_size(size, policies, list(cfg.samplers), cfg.repeats, cfg.seed)
         write_json_atomic(run_dir / "benchmark.json", results)
     return results

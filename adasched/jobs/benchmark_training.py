@@ -26,6 +26,9 @@ from adasched.io import write_json_atomic
 from adasched.training.module import LanguageModelModule, exponential_moving_average
 
 
+RECIPE_KEYS = ("precision", "compile", "dropout", "fused_loop")  # what a recipe sets; the rest of the loop is shared
+
+
 class StepTimer(L.Callback):
     """Wall clock and tokens over the training steps after the first ``skip``."""
 
@@ -68,6 +71,10 @@ def benchmark_training(cfg: DictConfig) -> dict[str, Any]:
     """Time every recipe at every depth; write ``benchmark_training.json`` with the ratio to ``baseline``."""
     if cfg.baseline not in cfg.recipes:
         raise ConfigError(f"baseline={cfg.baseline!r} is not a recipe; choose one of {', '.join(cfg.recipes)}")
+    for name, recipe in cfg.recipes.items():
+        missing = [key for key in RECIPE_KEYS if key not in recipe]
+        if missing:
+            raise ConfigError(f"recipes.{name} lacks {', '.join(missing)}; a recipe sets each of {', '.join(RECIPE_KEYS)}")
     if cfg.warmup_steps < 1 or cfg.timed_steps < 1:
         raise ConfigError(f"warmup_steps={cfg.warmup_steps} and timed_steps={cfg.timed_steps} must both be >= 1")
     if cfg.threads is not None:

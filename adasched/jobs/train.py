@@ -62,6 +62,9 @@ def validate(cfg: DictConfig) -> None:
         value = cfg[field]
         if value is not None and (not isinstance(value, int) or value <= 0):
             raise ConfigError(f"{field}={value!r} is invalid; it must be a positive integer or null")
+    for field in ("compile", "fused"):
+        if not isinstance(cfg.optim[field], bool):
+            raise ConfigError(f"optim.{field}={cfg.optim[field]!r} is invalid; it must be true or false")
 
 
 def resume_checkpoint(checkpoint_dir: Path, resume: bool) -> str | None:
