@@ -91,6 +91,7 @@ def run_cli(*overrides: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
         (["data=text_files", "data.corpus.train_files=[no_such_corpus.txt]"], "corpus file not found: no_such_corpus.txt"),
         (["logger.mode=loud"], "logger.mode='loud' is invalid"),
         (["optim.fused=maybe"], "optim.fused='maybe' is invalid; it must be true or false"),
+        (["export_dir=null"], "export_dir=None is invalid; it must name the folder"),
     ],
 )
 def test_cli_rejects_bad_values_with_one_line(overrides: list[str], expected: str, tmp_path: Path) -> None:

@@ -62,6 +62,8 @@ def validate(cfg: DictConfig) -> None:
         value = cfg[field]
         if value is not None and (not isinstance(value, int) or value <= 0):
             raise ConfigError(f"{field}={value!r} is invalid; it must be a positive integer or null")
+    if not cfg.export_dir:
+        raise ConfigError(f"export_dir={cfg.export_dir!r} is invalid; it must name the folder the trained model is exported to")
     for field in ("compile", "fused"):
         if not isinstance(cfg.optim[field], bool):
             raise ConfigError(f"optim.{field}={cfg.optim[field]!r} is invalid; it must be true or false")
