@@ -1,4 +1,5 @@
-"""Validation NELBO of every shipped denoiser (and the evaluator's NLL):  python experiments/evaluate.py"""
+"""Validation NELBO of every shipped denoiser (and the evaluator's NLL), and whether the family's seeds agree and
+its loss falls with depth:  python experiments/evaluate.py"""
 
 from pathlib import Path
 

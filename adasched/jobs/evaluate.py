@@ -19,6 +19,7 @@ from adasched.data.tokenizer import load_or_train_tokenizer
 from adasched.io import write_json_atomic
 from adasched.models.export import read_metadata
 from adasched.models.family import load_family
+from adasched.training.family_checks import MemberScore, describe_checks, family_checks
 from adasched.training.learning_curve import CURVE_FILE, read_curve
 from adasched.training.module import (
     CausalLMObjective,
@@ -37,7 +38,7 @@ def plot_family_curves(family_dir: Path, members: list[str], path: Path) -> Path
 
 def evaluate_family(cfg: DictConfig) -> list[dict[str, Any]]:
     """One row per member: validation loss (nats and bits per token), its perplexity bound, training facts;
-    and ``learning_curves.png``, all members' curves on one figure."""
+    whether the seeds agree and the loss falls with depth; and ``learning_curves.png``, all members' curves."""
     family_dir = Path(cfg.family_dir)
     tokenizer = load_or_train_tokenizer(cfg.tokenizer.kind, cfg.tokenizer.path, cfg.tokenizer.vocab_size, None)
     datamodule = instantiate(cfg.data.module, corpus=instantiate(cfg.data.corpus), tokenizer=tokenizer)
@@ -63,14 +64,23 @@ def evaluate_family(cfg: DictConfig) -> list[dict[str, Any]]:
                 "perplexity_bound": round(math.exp(nats), 2),
                 "parameters": sum(p.numel() for p in model.parameters()),
                 "n_blocks": metadata.get("n_blocks"),
+                "seed": metadata.get("seed"),
                 "train_steps": metadata.get("steps"),
                 "tokens_seen": metadata.get("tokens_seen"),
             }
         )
         print(f"  {name:<14} val {objective.metric:<5} {nats:7.4f} nats/token  (perplexity <= {math.exp(nats):8.2f})")
+    scores = [
+        MemberScore(row["member"], denoisers[row["member"]].config.n_blocks, row["seed"], row["nats_per_token"])
+        for row in rows
+        if row["member"] in denoisers
+    ]
+    checks = family_checks(scores)
+    for line in describe_checks(checks):
+        print(line)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(run_dir / "results.json", {"family": str(family_dir), "members": rows})
+    write_json_atomic(run_dir / "results.json", {"family": str(family_dir), "members": rows, "checks": checks})
     if plot_family_curves(family_dir, list(members), run_dir / "learning_curves.png"):
         print(f"learning curves: {run_dir / 'learning_curves.png'}")
     return rows
