@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from adasched.errors import ConfigError
+
 SEED_SPREAD_FRACTION = 1 / 3  # of the heavy-light gap
 
 
@@ -34,7 +36,7 @@ def family_checks(scores: Sequence[MemberScore], heavy: str = "heavy", light: st
     ladder = sorted((s for s in scores if s.seed == reference.seed), key=lambda s: s.n_blocks)
     depths = [s.n_blocks for s in ladder]
     if len(set(depths)) != len(depths):
-        raise ValueError(f"two members share a depth and a seed: {[s.name for s in ladder]}; the depth ladder needs one per depth")
+        raise ConfigError(f"two members share a depth and a seed: {[s.name for s in ladder]}; the depth ladder needs one per depth")
     checks: dict[str, Any] = {
         "depth_ladder": [{"member": s.name, "n_blocks": s.n_blocks, "loss": s.loss} for s in ladder],
         "falls_with_depth": all(a.loss > b.loss for a, b in zip(ladder, ladder[1:])) if len(ladder) > 1 else None,
