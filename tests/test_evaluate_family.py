@@ -6,9 +6,14 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
+import torch
 from omegaconf import open_dict
 
-from adasched.jobs.evaluate import evaluate_family
+from adasched.errors import ConfigError
+from adasched.jobs.evaluate import evaluate_family, mask_rate_profile
+from adasched.models.family import load_denoiser
+from adasched.training.module import validation_generator
 from adasched.training.learning_curve import CurvePoint, write_curve
 from tests.helpers import compose_config
 
@@ -40,3 +45,44 @@ def test_the_family_is_scored_and_its_curves_drawn(tmp_path: Path, tiny_family: 
     assert results["checks"]["falls_with_depth"] == (scores["light"] > scores["heavy"])
     assert results["checks"]["seeds_agree"] is None  # no second heavy seed in this family
     assert (tmp_path / "run" / "learning_curves.png").stat().st_size > 0
+    for row in rows[:2]:
+        assert list(row["cross_entropy_by_mask_rate"]) == ["0.05", "0.15", "0.3", "0.5", "0.7", "0.85", "0.95"]
+    assert "cross_entropy_by_mask_rate" not in rows[2]  # the autoregressive evaluator has no mask rate
+    assert (tmp_path / "run" / "mask_rate_profile.png").stat().st_size > 0
+
+
+def test_the_mask_rate_profile_is_the_cross_entropy_of_the_masked_positions(tiny_family: Path) -> None:
+    """Checked against the model's full subs log-probabilities on masks drawn the same way, independently."""
+    model = load_denoiser(tiny_family / "heavy")
+    generator = torch.Generator().manual_seed(3)
+    batches = [
+        {"input_ids": torch.randint(0, model.config.mask_token_id, (4, 16), generator=generator), "attention_mask": torch.ones(4, 16, dtype=torch.long)}
+        for _ in range(3)
+    ]
+    batches[1]["attention_mask"][:, 12:] = 0  # padding never counts
+    rates = [0.2, 0.9]
+    profile = mask_rate_profile(model, batches, rates, max_batches=2)
+    for rate, value in zip(rates, profile):
+        total, count = 0.0, 0
+        for batch_idx, batch in enumerate(batches[:2]):
+            x = batch["input_ids"]
+            noise = torch.rand(x.shape, generator=validation_generator(batch_idx, torch.device("cpu")))
+            z = torch.where(noise < rate, model.config.mask_token_id, x)
+            counted = (z == model.config.mask_token_id) & batch["attention_mask"].bool()
+            with torch.no_grad():
+                log_probs = model(z).double()
+            total -= float(log_probs.gather(-1, x[..., None])[..., 0][counted].sum())
+            count += int(counted.sum())
+        assert value == pytest.approx(total / count, rel=1e-5)
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("mask_rates=[0.5,0]", "mask_rates contains 0"),
+    ("mask_rates=[1.5]", "mask_rates contains 1.5"),
+    ("mask_rates=0.5", "mask_rates=0.5 is invalid"),
+    ("mask_rate_batches=0", "mask_rate_batches=0 is invalid"),
+])
+def test_bad_mask_rates_are_refused_before_loading(tmp_path: Path, override: str, message: str) -> None:
+    cfg = compose_config("evaluate", [f"family_dir={tmp_path / 'absent'}", override])
+    with pytest.raises(ConfigError, match=message):
+        evaluate_family(cfg)

@@ -109,6 +109,20 @@ def plot_learning_curves(curves: dict[str, Sequence], path: Path, title: str) ->
     return save_figure(figure, path)
 
 
+def plot_mask_rate_profile(rates: Sequence[float], excess: dict[str, Sequence[float]], reference: str, path: Path) -> Path:
+    """Each member's cross-entropy minus the reference's at fixed mask rates: where along t depth matters."""
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for name, values in excess.items():
+        axis.plot(rates, values, marker="o", markersize=3, linewidth=1.5, label=name)
+    axis.axhline(0.0, color="black", linewidth=0.8)
+    axis.set_xlabel("mask rate t (1: fully masked, the sampler's first step)")
+    axis.set_ylabel(f"cross-entropy minus {reference}'s (nats/masked token)")
+    axis.set_title("validation cross-entropy at fixed mask rates")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    return save_figure(figure, path)
+
+
 def plot_router_curve(curve_csv: Path, path: Path, title: str) -> Path:
     """A router's training: episode return, path KL, executed saving and lambda against timesteps."""
     with curve_csv.open(newline="", encoding="utf-8") as handle:

@@ -1,11 +1,14 @@
 """``evaluate(cfg)``: score a shipped family on the held-out split with the noise used in training validation.
 
-Every denoiser sees the same corrupted validation blocks, so the NELBO gaps between members are paired.
+Every denoiser sees the same corrupted validation blocks, so the NELBO gaps between members are paired; the
+same holds for the cross-entropy at fixed mask rates, which shows where along the diffusion depth matters.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,17 +17,20 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from adasched.analysis.evaluation import load_evaluator
-from adasched.analysis.plots import plot_learning_curves
+from adasched.analysis.plots import plot_learning_curves, plot_mask_rate_profile
+from adasched.errors import ConfigError
 from adasched.data.tokenizer import load_or_train_tokenizer
 from adasched.io import write_json_atomic
 from adasched.models.export import read_metadata
 from adasched.models.family import load_family
+from adasched.training.diffusion import masked_cross_entropy_sum
 from adasched.training.family_checks import MemberScore, describe_checks, family_checks
 from adasched.training.learning_curve import CURVE_FILE, read_curve
 from adasched.training.module import (
     CausalLMObjective,
     MaskedDiffusionObjective,
     evaluate,
+    validation_generator,
 )
 
 
@@ -36,10 +42,56 @@ def plot_family_curves(family_dir: Path, members: list[str], path: Path) -> Path
     return plot_learning_curves(curves, path, f"{family_dir.name}: validation loss of every member")
 
 
+def check_mask_rates(rates: object, batches: object) -> None:
+    """Refuse, before any model loads, mask rates outside (0, 1] (at t = 0 nothing is masked) and a batch count
+    that is not a positive integer."""
+    if not isinstance(rates, Sequence) or isinstance(rates, str):
+        raise ConfigError(f"mask_rates={rates!r} is invalid; it must be a list of rates in (0, 1], e.g. [0.1,0.5,0.9]")
+    for rate in rates:
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 < rate <= 1.0:
+            raise ConfigError(f"mask_rates contains {rate!r}; every mask rate must lie in (0, 1]")
+    if isinstance(batches, bool) or not isinstance(batches, int) or batches <= 0:
+        raise ConfigError(f"mask_rate_batches={batches!r} is invalid; it must be a positive integer")
+
+
+@torch.no_grad()
+def mask_rate_profile(model: torch.nn.Module, loader: Iterable[dict[str, torch.Tensor]], rates: list[float], max_batches: int) -> list[float]:
+    """Cross-entropy per masked token at each fixed mask rate, over the first ``max_batches`` validation
+    batches with each batch's validation noise (so every member sees the same masks)."""
+    model.eval()
+    profile = []
+    for rate in rates:
+        total, count = 0.0, 0
+        for batch_idx, batch in enumerate(itertools.islice(loader, max_batches)):
+            summed, masked = masked_cross_entropy_sum(
+                model, batch["input_ids"], batch["attention_mask"], rate, validation_generator(batch_idx, torch.device("cpu"))
+            )
+            total, count = total + summed, count + masked
+        profile.append(total / max(count, 1))
+    return profile
+
+
+def report_mask_rate_profile(profiles: dict[str, list[float]], rates: list[float], run_dir: Path) -> None:
+    """Print each member's cross-entropy at every mask rate and draw its excess over the first member's."""
+    reference = next(iter(profiles))
+    print("  cross-entropy (nats/masked token) at mask rate t; in brackets, minus " + reference + "'s")
+    print("  " + " " * 14 + "".join(f"{f't={rate:g}':>17}" for rate in rates))
+    for name, values in profiles.items():
+        cells = "".join(f"{value:8.3f} ({value - ref:+.3f})" for value, ref in zip(values, profiles[reference]))
+        print(f"  {name:<14}{cells}")
+    excess = {name: [v - r for v, r in zip(values, profiles[reference])] for name, values in profiles.items() if name != reference}
+    if excess:
+        plot_mask_rate_profile(rates, excess, reference, run_dir / "mask_rate_profile.png")
+        print(f"mask-rate profile: {run_dir / 'mask_rate_profile.png'}")
+
+
 def evaluate_family(cfg: DictConfig) -> list[dict[str, Any]]:
     """One row per member: validation loss (nats and bits per token), its perplexity bound, training facts;
-    whether the seeds agree and the loss falls with depth; and ``learning_curves.png``, all members' curves."""
+    whether the seeds agree and the loss falls with depth; each denoiser's cross-entropy at fixed mask rates
+    (``mask_rate_profile.png``); and ``learning_curves.png``, all members' curves."""
     family_dir = Path(cfg.family_dir)
+    check_mask_rates(cfg.mask_rates, cfg.mask_rate_batches)
+    rates = [float(rate) for rate in cfg.mask_rates]
     tokenizer = load_or_train_tokenizer(cfg.tokenizer.kind, cfg.tokenizer.path, cfg.tokenizer.vocab_size, None)
     datamodule = instantiate(cfg.data.module, corpus=instantiate(cfg.data.corpus), tokenizer=tokenizer)
     datamodule.setup()
@@ -80,6 +132,12 @@ def evaluate_family(cfg: DictConfig) -> list[dict[str, Any]]:
         print(line)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if rates:
+        profiles = {name: mask_rate_profile(model, loader, rates, cfg.mask_rate_batches) for name, model in denoisers.items()}
+        report_mask_rate_profile(profiles, rates, run_dir)
+        for row in rows:
+            if row["member"] in profiles:
+                row["cross_entropy_by_mask_rate"] = {f"{rate:g}": round(value, 4) for rate, value in zip(rates, profiles[row["member"]])}
     write_json_atomic(run_dir / "results.json", {"family": str(family_dir), "members": rows, "checks": checks})
     if plot_family_curves(family_dir, list(members), run_dir / "learning_curves.png"):
         print(f"learning curves: {run_dir / 'learning_curves.png'}")

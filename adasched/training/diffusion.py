@@ -40,6 +40,20 @@ def nelbo_of_corruption(
     return (nll * weight).sum() / attention_mask.sum()
 
 
+def masked_cross_entropy_sum(
+    model: MDLMDenoiser, x: torch.Tensor, attention_mask: torch.Tensor, t: float, generator: torch.Generator | None = None
+) -> tuple[float, int]:
+    """Summed -log p_theta(x_l | z_t) over the positions masked at one fixed rate ``t``, and their count.
+
+    The NELBO averages this per-position loss over t; at a single t it shows where along the diffusion (and so
+    along the sampler's steps) one model predicts better than another.
+    """
+    z = corrupt(x, torch.full((x.shape[0],), t, device=x.device), model.config.mask_token_id, generator)
+    masked = (z == model.config.mask_token_id) & attention_mask.bool()
+    logits = model.project(model.hidden_states(z, torch.full((x.shape[0],), t, device=x.device))[masked]).float()
+    return float(F.cross_entropy(logits, x[masked], reduction="sum")), int(masked.sum())
+
+
 def masked_nelbo(
     model: MDLMDenoiser,
     x: torch.Tensor,
