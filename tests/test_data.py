@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from datasets import Dataset
 
 from adasched.data.corpus import (
     HubCorpus,
@@ -17,7 +20,7 @@ from adasched.data.corpus import (
     pack_blocks,
     tokenize_documents,
 )
-from adasched.data.tokenizer import load_or_train_tokenizer, special_ids
+from adasched.data.tokenizer import load_or_train_tokenizer, special_ids, train_bpe
 from adasched.errors import ConfigError, DataUnavailableError
 from tests.helpers import SHIPPED, compose_config
 
@@ -96,3 +99,26 @@ def test_hub_dataset_unreachable_is_one_clear_error(monkeypatch: pytest.MonkeyPa
 def test_every_data_config_composes(name: str) -> None:
     cfg = compose_config("train", [f"data={name}"])
     assert cfg.data.module.seq_len == cfg.data.seq_len
+
+
+def test_a_block_cache_is_built_by_one_process_at_a_time(tmp_path: Path, tiny_corpus: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two trainings started together must not build (and delete) the same cache under each other: while one
+    builds, another process cannot take the cache's lock, so it waits and then reads the finished blocks."""
+    corpus = TextFilesCorpus([tiny_corpus["train"]], validation_files=[tiny_corpus["validation"]])
+    tokenizer = train_bpe(["The quick brown fox jumps over the lazy dog."] * 20, 300)
+    cache = tmp_path / "cache"
+    others_got_the_lock = []
+    build = Dataset.from_generator
+
+    def build_while_probing(*args: object, **kwargs: object) -> Dataset:
+        locks = [str(path) for path in (cache / corpus.name).glob("blocks-*.lock")]
+        probe = "import sys; from filelock import FileLock, Timeout\ntry:\n FileLock(sys.argv[1]).acquire(timeout=0); print(1)\nexcept Timeout:\n print(0)"
+        others_got_the_lock.extend(subprocess.run([sys.executable, "-c", probe, *locks], capture_output=True, text=True, check=True).stdout.split())
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(Dataset, "from_generator", build_while_probing)
+    module = TextDataModule(corpus, tokenizer, seq_len=16, batch_size=2, separator="\n\n", cache_dir=str(cache))
+    module.setup()
+    assert others_got_the_lock == ["0", "0"]  # both splits were built under a lock no other process could take
+    assert not list((cache / corpus.name).glob("generator*"))  # the scratch folders are gone
+    assert module.blocks["train"].num_rows > 0

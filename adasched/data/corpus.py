@@ -18,6 +18,7 @@ import lightning as L
 import numpy as np
 from datasets import Dataset, DatasetDict, Features, Value, load_dataset, load_from_disk
 from datasets import Sequence as SequenceFeature
+from filelock import FileLock
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerFast
 
@@ -171,19 +172,24 @@ def build_blocks(
         f"{tokenized._fingerprint}|{seq_len}|{separator}|{len(tokenizer)}".encode()
     ).hexdigest()[:16]
     target = cache_dir / f"blocks-{key}"
-    if not target.exists():
-        features = Features(
-            {"input_ids": SequenceFeature(Value("int32"), length=seq_len), "attention_mask": SequenceFeature(Value("int8"), length=seq_len)}
-        )
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    # Two trainings started together (make -j2 family) would build the same blocks in one scratch folder and
+    # delete it under each other: the first builds, the other waits and reads its result.
+    with FileLock(str(cache_dir / f"blocks-{key}.lock")):
+        if not target.exists():
+            features = Features(
+                {"input_ids": SequenceFeature(Value("int32"), length=seq_len), "attention_mask": SequenceFeature(Value("int8"), length=seq_len)}
+            )
 
-        def generate() -> Iterator[dict[str, np.ndarray]]:
-            documents = (row["input_ids"] for row in tokenized)
-            yield from pack_blocks(documents, seq_len, tokenizer.eos_token_id)
+            def generate() -> Iterator[dict[str, np.ndarray]]:
+                documents = (row["input_ids"] for row in tokenized)
+                yield from pack_blocks(documents, seq_len, tokenizer.eos_token_id)
 
-        blocks = Dataset.from_generator(generate, features=features, cache_dir=str(cache_dir / "generator"))
-        with atomic_path(target) as partial:  # a crash never leaves a half-written cache behind
-            blocks.save_to_disk(str(partial))
-        shutil.rmtree(cache_dir / "generator", ignore_errors=True)
+            scratch = cache_dir / f"generator-{key}"
+            blocks = Dataset.from_generator(generate, features=features, cache_dir=str(scratch))
+            with atomic_path(target) as partial:  # a crash never leaves a half-written cache behind
+                blocks.save_to_disk(str(partial))
+            shutil.rmtree(scratch, ignore_errors=True)
     return load_from_disk(str(target)).with_format("torch")
 
 
