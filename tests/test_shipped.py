@@ -6,7 +6,7 @@ import pytest
 
 from adasched.models.export import read_metadata
 from adasched.models.family import load_family
-from tests.helpers import SHIPPED
+from tests.helpers import SHIPPED, compose_config
 
 LIGHT_DEPTHS = {"light": 2, "light_b3": 3, "light_b4": 4, "light_b5": 5}  # the light-size table's members
 DENOISERS = ("heavy", "heavy_seed1", *LIGHT_DEPTHS)
@@ -52,3 +52,12 @@ def test_evaluator_is_at_least_as_large_as_the_heavy_denoiser() -> None:
 def test_shipped_checkpoints_are_small_enough_for_git() -> None:
     total = sum(path.stat().st_size for path in SHIPPED.rglob("*") if path.is_file())
     assert total < 100 * 2**20  # GitHub refuses files over 100 MB; the whole family stays below that
+
+
+@pytest.mark.parametrize(("config", "key"), [("run", "sampling.seq_len"), ("train_router", "sampling.seq_len"), ("fit_kl_router", "seq_len")])
+def test_jobs_sample_at_the_shipped_members_length(config: str, key: str) -> None:
+    """family.seq_len, which every sampling job defaults to, is the length the shipped members were trained at."""
+    length = compose_config(config, [])
+    for part in key.split("."):
+        length = length[part]
+    assert length == load_family({"heavy": SHIPPED / "heavy"})["heavy"].config.seq_len == read_metadata(SHIPPED / "heavy")["seq_len"]
