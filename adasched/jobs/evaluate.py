@@ -18,8 +18,8 @@ from omegaconf import DictConfig
 
 from adasched.analysis.evaluation import load_evaluator
 from adasched.analysis.plots import plot_learning_curves, plot_mask_rate_profile
-from adasched.errors import ConfigError
 from adasched.data.tokenizer import load_or_train_tokenizer
+from adasched.errors import ConfigError
 from adasched.io import write_json_atomic
 from adasched.models.export import read_metadata
 from adasched.models.family import load_family
@@ -67,7 +67,7 @@ def mask_rate_profile(model: torch.nn.Module, loader: Iterable[dict[str, torch.T
                 model, batch["input_ids"], batch["attention_mask"], rate, validation_generator(batch_idx, torch.device("cpu"))
             )
             total, count = total + summed, count + masked
-        profile.append(total / max(count, 1))
+        profile.append(total / count if count else math.nan)  # no position masked: nothing measured
     return profile
 
 

@@ -25,17 +25,23 @@ def corrupt(x: torch.Tensor, t: torch.Tensor, mask_id: int, generator: torch.Gen
     return torch.where(masked, torch.full_like(x, mask_id), x)
 
 
-def nelbo_of_corruption(
+def masked_position_nll(
     model: MDLMDenoiser, x: torch.Tensor, z: torch.Tensor, t: torch.Tensor, attention_mask: torch.Tensor
-) -> torch.Tensor:
-    """The NELBO estimate in nats per token for given clean ``x``, corrupted ``z`` and times ``t``.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """-log p_theta(x_l | z_t) at every masked, non-padding position of ``z``, and the (B, L) mask of those positions.
 
     Only masked positions are projected to the vocabulary: "subs" puts zero loss on the others.
     """
     masked = (z == model.config.mask_token_id) & attention_mask.bool()
-    hidden = model.hidden_states(z, t)
-    logits = model.project(hidden[masked]).float()
-    nll = F.cross_entropy(logits, x[masked], reduction="none")
+    logits = model.project(model.hidden_states(z, t)[masked]).float()
+    return F.cross_entropy(logits, x[masked], reduction="none"), masked
+
+
+def nelbo_of_corruption(
+    model: MDLMDenoiser, x: torch.Tensor, z: torch.Tensor, t: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """The NELBO estimate in nats per token for given clean ``x``, corrupted ``z`` and times ``t``."""
+    nll, masked = masked_position_nll(model, x, z, t, attention_mask)
     weight = (1.0 / t)[:, None].expand_as(x)[masked]
     return (nll * weight).sum() / attention_mask.sum()
 
@@ -48,10 +54,9 @@ def masked_cross_entropy_sum(
     The NELBO averages this per-position loss over t; at a single t it shows where along the diffusion (and so
     along the sampler's steps) one model predicts better than another.
     """
-    z = corrupt(x, torch.full((x.shape[0],), t, device=x.device), model.config.mask_token_id, generator)
-    masked = (z == model.config.mask_token_id) & attention_mask.bool()
-    logits = model.project(model.hidden_states(z, torch.full((x.shape[0],), t, device=x.device))[masked]).float()
-    return float(F.cross_entropy(logits, x[masked], reduction="sum")), int(masked.sum())
+    times = torch.full((x.shape[0],), t, device=x.device)
+    nll, masked = masked_position_nll(model, x, corrupt(x, times, model.config.mask_token_id, generator), times, attention_mask)
+    return float(nll.sum()), int(masked.sum())
 
 
 def masked_nelbo(
