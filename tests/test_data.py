@@ -107,18 +107,21 @@ def test_a_block_cache_is_built_by_one_process_at_a_time(tmp_path: Path, tiny_co
     corpus = TextFilesCorpus([tiny_corpus["train"]], validation_files=[tiny_corpus["validation"]])
     tokenizer = train_bpe(["The quick brown fox jumps over the lazy dog."] * 20, 300)
     cache = tmp_path / "cache"
-    others_got_the_lock = []
+    held_during_builds = []
     build = Dataset.from_generator
 
     def build_while_probing(*args: object, **kwargs: object) -> Dataset:
         locks = [str(path) for path in (cache / corpus.name).glob("blocks-*.lock")]
-        probe = "import sys; from filelock import FileLock, Timeout\ntry:\n FileLock(sys.argv[1]).acquire(timeout=0); print(1)\nexcept Timeout:\n print(0)"
-        others_got_the_lock.extend(subprocess.run([sys.executable, "-c", probe, *locks], capture_output=True, text=True, check=True).stdout.split())
+        probe = (
+            "import sys; from filelock import FileLock, Timeout\nheld = 0\nfor path in sys.argv[1:]:\n"
+            " try:\n  FileLock(path).acquire(timeout=0)\n except Timeout:\n  held += 1\nprint(held)"
+        )
+        held_during_builds.extend(subprocess.run([sys.executable, "-c", probe, *locks], capture_output=True, text=True, check=True).stdout.split())
         return build(*args, **kwargs)
 
     monkeypatch.setattr(Dataset, "from_generator", build_while_probing)
     module = TextDataModule(corpus, tokenizer, seq_len=16, batch_size=2, separator="\n\n", cache_dir=str(cache))
     module.setup()
-    assert others_got_the_lock == ["0", "0"]  # both splits were built under a lock no other process could take
+    assert held_during_builds == ["1", "1"]  # each split was built under its own lock, which no other process could take
     assert not list((cache / corpus.name).glob("generator*"))  # the scratch folders are gone
     assert module.blocks["train"].num_rows > 0
