@@ -22,7 +22,7 @@ def test_the_family_is_scored_and_its_curves_drawn(tmp_path: Path, tiny_family: 
     family = tmp_path / "family"
     shutil.copytree(tiny_family, family)
     for step, name in enumerate(("heavy", "light"), 1):
-        (family / name / "metadata.json").write_text(json.dumps({"n_blocks": 3 - step, "steps": 10, "tokens_seen": 100, "seed": 0}))
+        (family / name / "metadata.json").write_text(json.dumps({"n_blocks": 3 - step, "steps": 10, "tokens_seen": 2_500_000, "seed": 0, "train_wall_seconds": 90 * step, "plateau": {"gain_last": 0.01 * step}}))
         write_curve(family / name / "learning_curve.csv", [CurvePoint(s, 50 * s, s, 1e-3, 6.0 - s / step) for s in (1, 2)])
     (family / "ar_evaluator" / "metadata.json").write_text("{}")  # trained before curves were kept: left off the figure
     cfg = compose_config(
@@ -49,6 +49,10 @@ def test_the_family_is_scored_and_its_curves_drawn(tmp_path: Path, tiny_family: 
         assert list(row["cross_entropy_by_mask_rate"]) == ["0.05", "0.15", "0.3", "0.5", "0.7", "0.85", "0.95"]
     assert "cross_entropy_by_mask_rate" not in rows[2]  # the autoregressive evaluator has no mask rate
     assert (tmp_path / "run" / "mask_rate_profile.png").stat().st_size > 0
+    table = (tmp_path / "run" / "family_table.md").read_text().splitlines()
+    assert len(table) == 2 + len(rows)
+    assert table[2].startswith(f"| `heavy` | 2 | {rows[0]['parameters'] / 1e6:.2f}M | 10 | 2.5M | 2 min | NELBO {scores['heavy']:.3f} | 0.010 |")
+    assert table[4].startswith("| `ar_evaluator` | — |") and table[4].endswith(f"| NLL {scores['ar_evaluator']:.3f} | — |")
 
 
 def test_the_mask_rate_profile_is_the_cross_entropy_of_the_masked_positions(tiny_family: Path) -> None:

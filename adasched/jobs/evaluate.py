@@ -20,7 +20,7 @@ from adasched.analysis.evaluation import load_evaluator
 from adasched.analysis.plots import plot_learning_curves, plot_mask_rate_profile
 from adasched.data.tokenizer import load_or_train_tokenizer
 from adasched.errors import ConfigError
-from adasched.io import write_json_atomic
+from adasched.io import write_json_atomic, write_text_atomic
 from adasched.models.export import read_metadata
 from adasched.models.family import load_family
 from adasched.training.diffusion import masked_cross_entropy_sum
@@ -85,10 +85,30 @@ def report_mask_rate_profile(profiles: dict[str, list[float]], rates: list[float
         print(f"mask-rate profile: {run_dir / 'mask_rate_profile.png'}")
 
 
+def _millions(count: int | None, digits: int) -> str:
+    return "—" if count is None else f"{count / 1e6:.{digits}f}M"
+
+
+def family_table(rows: Sequence[dict[str, Any]]) -> str:
+    """The members as a Markdown table (the README's family table): size, training, and the loss just measured."""
+    lines = [
+        "| member | blocks | parameters | steps | tokens seen | CPU wall | validation loss (nats/token) | gained over the last 20% |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in rows:
+        wall = "—" if row["train_wall_seconds"] is None else f"{row['train_wall_seconds'] / 60:.0f} min"
+        gain = "—" if row["gain_last"] is None else f"{row['gain_last']:.3f}"
+        lines.append(
+            f"| `{row['member']}` | {row['n_blocks'] or '—'} | {_millions(row['parameters'], 2)} | {row['train_steps'] or '—'} "
+            f"| {_millions(row['tokens_seen'], 1)} | {wall} | {row['metric'].upper()} {row['nats_per_token']:.3f} | {gain} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def evaluate_family(cfg: DictConfig) -> list[dict[str, Any]]:
     """One row per member: validation loss (nats and bits per token), its perplexity bound, training facts;
     whether the seeds agree and the loss falls with depth; each denoiser's cross-entropy at fixed mask rates
-    (``mask_rate_profile.png``); and ``learning_curves.png``, all members' curves."""
+    (``mask_rate_profile.png``); ``learning_curves.png``, all members' curves; and ``family_table.md``."""
     family_dir = Path(cfg.family_dir)
     check_mask_rates(cfg.mask_rates, cfg.mask_rate_batches)
     rates = [float(rate) for rate in cfg.mask_rates]
@@ -119,6 +139,8 @@ def evaluate_family(cfg: DictConfig) -> list[dict[str, Any]]:
                 "seed": metadata.get("seed"),
                 "train_steps": metadata.get("steps"),
                 "tokens_seen": metadata.get("tokens_seen"),
+                "train_wall_seconds": metadata.get("train_wall_seconds"),
+                "gain_last": metadata.get("plateau", {}).get("gain_last"),
             }
         )
         print(f"  {name:<14} val {objective.metric:<5} {nats:7.4f} nats/token  (perplexity <= {math.exp(nats):8.2f})")
@@ -139,6 +161,9 @@ def evaluate_family(cfg: DictConfig) -> list[dict[str, Any]]:
             if row["member"] in profiles:
                 row["cross_entropy_by_mask_rate"] = {f"{rate:g}": round(value, 4) for rate, value in zip(rates, profiles[row["member"]])}
     write_json_atomic(run_dir / "results.json", {"family": str(family_dir), "members": rows, "checks": checks})
+    table = family_table(rows)
+    write_text_atomic(run_dir / "family_table.md", table)
+    print(table, end="")
     if plot_family_curves(family_dir, list(members), run_dir / "learning_curves.png"):
         print(f"learning curves: {run_dir / 'learning_curves.png'}")
     return rows
