@@ -59,7 +59,7 @@ def test_a_non_positive_device_count_is_refused() -> None:
 def run_job(tiny_family: Path, run_dir: Path, devices: int) -> dict:
     overrides = [
         f"family.dir={tiny_family}", "sampling.num_samples=7", "sampling.batch_size=2", "sampling.num_steps=20",
-        "sampling.seq_len=16", "eval.batch_size=3", "policy=static_sandwich", "policy.light_fraction=0.5",
+        "sampling.seq_len=16", "eval.batch_size=3", "eval.heldout_text=false", "policy=static_sandwich", "policy.light_fraction=0.5",
         "device=cpu", "parallel.accelerator=cpu", f"parallel.devices={devices}", f"hydra.run.dir={run_dir}",
     ]
     env = os.environ | {"WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}

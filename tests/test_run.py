@@ -9,21 +9,27 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from hydra.utils import instantiate
 from omegaconf import open_dict
 
 from adasched.analysis.comparison import find_results, load_rows, table_rows
+from adasched.analysis.evaluation import load_evaluator, sample_nll
+from adasched.data.tokenizer import load_tokenizer
 from adasched.jobs.run import run
 from tests.helpers import ROOT, compose_config
 
 RESULT_FIELDS = ("policy", "num_samples", "seq_len", "steps", "gen_ppl", "entropy", "flops", "wall_s", "forwards")
 
 
-def run_config(family: Path, run_dir: Path, *overrides: str):
+def run_config(family: Path, run_dir: Path, *overrides: str, heldout_text: bool = False):
+    """A run on the tiny family; held-out text scoring reads the data, so it is off unless a test asks for it."""
     cfg = compose_config(
         "run",
         [
             f"family.dir={family}", "sampling.num_samples=6", "sampling.batch_size=4", "sampling.num_steps=20",
-            "sampling.seq_len=16", "eval.batch_size=4", "logger.mode=disabled", "device=cpu", *overrides,
+            "sampling.seq_len=16", "eval.batch_size=4", "logger.mode=disabled", "device=cpu",
+            f"eval.heldout_text={str(heldout_text).lower()}", *overrides,
         ],
     )
     with open_dict(cfg):
@@ -60,15 +66,29 @@ def test_policies_share_seeds_and_compare(tiny_family: Path, tmp_path: Path) -> 
     assert [row["label"] for row in rows] == ["static_heavy", "static_light"]
 
 
-def test_prefix_mode_keeps_the_prompt(tiny_family: Path, tmp_path: Path, tiny_corpus: dict[str, str]) -> None:
+def test_prefix_mode_keeps_the_prompt_and_scores_the_rest_of_its_block(tiny_family: Path, tmp_path: Path, tiny_corpus: dict[str, str]) -> None:
     cfg = run_config(
         tiny_family, tmp_path, "sampling.prefix_len=4", "eval.compare_to_heavy=false", "data=text_files",
         f"data.corpus.train_files=[{tiny_corpus['train']}]", f"data.corpus.validation_files=[{tiny_corpus['validation']}]",
-        "data.seq_len=16", f"paths.cache={tmp_path / 'cache'}",
+        "data.seq_len=32", f"paths.cache={tmp_path / 'cache'}", heldout_text=True,
     )
-    run(cfg)
+    results = run(cfg)
     samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
     assert all(sample["prompt"] for sample in samples)
+    # Independently: the held-out blocks of the samples' length (16, not data.seq_len) in the seeds' order,
+    # each prompt their first 4 tokens, and the held-out score that of the other 12 after their prompt.
+    tokenizer = load_tokenizer(cfg.family.tokenizer)
+    datamodule = instantiate(cfg.data.module, corpus=instantiate(cfg.data.corpus), tokenizer=tokenizer, seq_len=16)
+    datamodule.setup()
+    blocks = torch.as_tensor(datamodule.blocks["validation"]["input_ids"][:])
+    chosen = blocks[torch.randperm(len(blocks), generator=torch.Generator().manual_seed(0))[torch.arange(6) % len(blocks)]]
+    assert [s["prompt"] for s in samples] == [tokenizer.decode(row, skip_special_tokens=True) for row in chosen[:, :4].tolist()]
+    evaluator, evaluator_tokenizer = load_evaluator(cfg.eval.ppl_model, "cpu", cfg.eval.tokenizer_path)
+    texts = [tokenizer.decode(row, skip_special_tokens=True) for row in chosen[:, 4:].tolist()]
+    scores = sample_nll(texts, evaluator, evaluator_tokenizer, 4, None, "cpu", [s["prompt"] for s in samples])
+    heldout = json.loads((tmp_path / "results.json").read_text())["heldout_text"]
+    assert heldout == results["heldout_text"] and heldout["num_texts"] == 6
+    assert heldout["gen_ppl"]["mean"] == pytest.approx(scores.nll.exp().mean().item())
 
 
 def run_cli(*overrides: str) -> subprocess.CompletedProcess:

@@ -85,14 +85,19 @@ class ArmSetting:
         return [m.config.n_blocks for m in self.models]
 
 
-def prompts_for(cfg: DictConfig, tokenizer: Any, seeds: torch.Tensor) -> torch.Tensor | None:
-    """Prefix mode: the first ``prefix_len`` tokens of held-out validation blocks, chosen by sample seed."""
-    if cfg.sampling.prefix_len <= 0:
-        return None
-    datamodule = instantiate(cfg.data.module, corpus=instantiate(cfg.data.corpus), tokenizer=tokenizer)
+def heldout_blocks(cfg: DictConfig, tokenizer: Any, seeds: torch.Tensor) -> torch.Tensor:
+    """One held-out validation block of the samples' length per sample, chosen by its seed (N, seq_len)."""
+    datamodule = instantiate(cfg.data.module, corpus=instantiate(cfg.data.corpus), tokenizer=tokenizer, seq_len=cfg.sampling.seq_len)
     datamodule.setup()
     blocks = datamodule.blocks["validation"]["input_ids"][:]
-    return validation_prompts(torch.as_tensor(blocks), seeds, cfg.sampling.prefix_len)
+    return validation_prompts(torch.as_tensor(blocks), seeds, cfg.sampling.seq_len)
+
+
+def prompts_for(cfg: DictConfig, tokenizer: Any, seeds: torch.Tensor) -> torch.Tensor | None:
+    """Prefix mode: the first ``prefix_len`` tokens of each sample's held-out block."""
+    if cfg.sampling.prefix_len <= 0:
+        return None
+    return heldout_blocks(cfg, tokenizer, seeds)[:, : cfg.sampling.prefix_len]
 
 
 @torch.inference_mode()
@@ -146,12 +151,12 @@ class Decoded:
     prompts: list[str] | None
 
 
-def decode(tokenizer: Any, generation: Generation) -> Decoded:
-    """Texts and ids of the generated part of every sample (the prompt left out) and, in prefix mode, the prompts' texts."""
-    ids = generation.tokens[:, generation.prefix_len :].tolist()
+def decode(tokenizer: Any, tokens: torch.Tensor, prefix_len: int) -> Decoded:
+    """Texts and ids of every sequence after its first ``prefix_len`` tokens (the prompt) and, in prefix mode, the prompts' texts."""
+    ids = tokens[:, prefix_len:].tolist()
     prompts = None
-    if generation.prefix_len:
-        prompts = [tokenizer.decode(row, skip_special_tokens=True) for row in generation.tokens[:, : generation.prefix_len].tolist()]
+    if prefix_len:
+        prompts = [tokenizer.decode(row, skip_special_tokens=True) for row in tokens[:, :prefix_len].tolist()]
     return Decoded([tokenizer.decode(row, skip_special_tokens=True) for row in ids], ids, prompts)
 
 
@@ -162,6 +167,16 @@ def score(setting: ArmSetting, decoded: Decoded) -> SampleScores:
     if setting.trainer is None:
         return sample_nll(decoded.texts, setting.evaluator, setting.evaluator_tokenizer, cfg.eval.batch_size, None, setting.evaluator.device, decoded.prompts)
     return score_data_parallel(setting.trainer, decoded.texts, setting.evaluator, setting.evaluator_tokenizer, cfg.eval.batch_size, decoded.prompts)
+
+
+def heldout_text_record(setting: ArmSetting) -> dict[str, Any]:
+    """The evaluator's perplexity of held-out text, scored exactly as the samples are: each sample's held-out
+    block (in prefix mode the rest of the block its prompt came from), decoded and scored the same way. It is
+    what a sampler that had learned the corpus perfectly would get: the mark to read gen PPL against."""
+    blocks = heldout_blocks(setting.cfg, setting.tokenizer, setting.seeds)
+    decoded = decode(setting.tokenizer, blocks, setting.cfg.sampling.prefix_len)
+    quality = evaluate_samples(score(setting, decoded), decoded.ids)
+    return {"gen_ppl": quality["gen_ppl"], "entropy": quality["entropy"], "num_texts": len(decoded.texts)}
 
 
 def write_samples(path: Path, generation: Generation, decoded: Decoded, nll: list[float]) -> None:
@@ -209,7 +224,7 @@ def evaluate_arm(
         generation = generate(setting.models, policy, setting.seeds, setting.spec, meter, prompts=setting.prompts)
     else:
         generation = generate_data_parallel(setting.trainer, setting.models, policy, setting.seeds, setting.spec, meter, prompts=setting.prompts)
-    decoded = decode(setting.tokenizer, generation)
+    decoded = decode(setting.tokenizer, generation.tokens, generation.prefix_len)
     quality = evaluate_samples(score(setting, decoded), decoded.ids, reference_nll)
     record: dict[str, Any] = {
         "label": label, "policy": policy.name, "seeds": generation.seeds.tolist(), **quality, **meter.summary(),

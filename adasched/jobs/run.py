@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from adasched.analysis.run_logging import log_run, samples_table
 from adasched.io import write_json_atomic
-from adasched.jobs.arms import evaluate_arm, load_setting, sampling_spec
+from adasched.jobs.arms import evaluate_arm, heldout_text_record, load_setting, sampling_spec
 from adasched.parallel import predict_trainer
 from policies import make_policy
 
@@ -68,6 +68,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         results["wall_s"]["sampling_all_heavy"] = baseline.generation.wall_s
         results["speedup_vs_all_heavy"] = baseline.generation.wall_s / outcome.generation.wall_s
         results["wall_saved_vs_all_heavy"] = 1 - outcome.generation.wall_s / baseline.generation.wall_s
+    if cfg.eval.heldout_text:
+        results["heldout_text"] = heldout_text_record(setting)
     if not writes:
         return results
     write_json_atomic(run_dir / "results.json", results)
@@ -86,6 +88,11 @@ def print_summary(results: dict[str, Any]) -> None:
             [f"path KL to heavy    {results['path_kl']['per_sequence']['mean']:.3f} +- {results['path_kl']['per_sequence']['ci95']:.3f} nats/sequence "
              f"({results['path_kl']['per_token']['mean']:.4f} per token)"]
             if "path_kl" in results else []
+        ),
+        *(
+            [f"held-out text       PPL {results['heldout_text']['gen_ppl']['mean']:.2f} +- {results['heldout_text']['gen_ppl']['ci95']:.2f} "
+             "under the same evaluator, scored the same way (the samples' lengths, blocks of the held-out plays)"]
+            if "heldout_text" in results else []
         ),
         f"unigram entropy     {results['entropy']['mean']:.3f} nats",
         f"FLOPs saved         nominal {100 * flops['saved_nominal']:.1f}%, executed {100 * flops['saved_executed']:.1f}%",
