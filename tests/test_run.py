@@ -106,6 +106,7 @@ def run_cli(*overrides: str) -> subprocess.CompletedProcess:
         (["sampling.num_steps=0"], "sampling.num_steps=0 is invalid"),
         (["sampling.num_samples=-3"], "sampling.num_samples=-3 is invalid"),
         (["sampling.precision=fp8"], "sampling.precision='fp8' is unknown; choose one of: float32, bf16"),
+        (["eval.heldout_text=maybe"], "eval.heldout_text='maybe' is invalid; it must be true or false"),
     ],
 )
 def test_cli_rejects_bad_values_with_one_line_and_leaves_no_folder(overrides: list[str], expected: str, tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from adasched.analysis.run_logging import log_run, samples_table
+from adasched.errors import ConfigError
 from adasched.io import write_json_atomic
 from adasched.jobs.arms import evaluate_arm, heldout_text_record, load_setting, sampling_spec
 from adasched.parallel import predict_trainer
@@ -33,6 +34,8 @@ def parallel_trainer(cfg: DictConfig) -> L.Trainer | None:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     policy = instantiate(cfg.policy)  # first: a bad policy value fails before any model loads
+    if not isinstance(cfg.eval.heldout_text, bool):
+        raise ConfigError(f"eval.heldout_text={cfg.eval.heldout_text!r} is invalid; it must be true or false")
     spec = sampling_spec(cfg)
     policy.reset(spec.num_steps, len(cfg.family.members))  # a schedule that does not fit the steps fails here too
     setting = load_setting(cfg, parallel_trainer(cfg))
