@@ -13,12 +13,13 @@ from gymnasium.utils.env_checker import check_env as gymnasium_check_env
 from omegaconf import open_dict
 from stable_baselines3 import PPO
 from stable_baselines3.common.env_checker import check_env as sb3_check_env
+from stable_baselines3.common.vec_env import VecNormalize
 
 from adasched.analysis.evaluation import load_evaluator
 from adasched.analysis.path_kl import path_kl
 from adasched.data.tokenizer import load_tokenizer
 from adasched.errors import ConfigError
-from adasched.jobs.train_router import train_router
+from adasched.jobs.train_router import restore_return_scale, train_router, training_state
 from adasched.models.family import load_family
 from adasched.rl.env import (
     EpisodeConfig,
@@ -146,6 +147,24 @@ def test_train_export_resume_and_the_policy_acts_like_the_router(tiny_family: Pa
     assert output.actions.shape == (STEPS, 6)
     reference = reference_sample(models, policy, torch.arange(6), spec, meter(models))  # exact, like every policy
     assert torch.equal(output.tokens, reference.tokens) and torch.equal(output.actions, reference.actions)
+
+
+def test_at_a_price_above_any_kl_ppo_learns_to_run_the_light_model(tiny_family: Path, tmp_path: Path) -> None:
+    """With lambda fixed far above every KL increment, light is right at every step: the saving must climb."""
+    overrides = ("env.lambda_init=20.0", "env.lambda_lr=0.0", "ppo.total_timesteps=2048", "ppo.n_steps=32", "ppo.batch_size=64", "ppo.n_epochs=4", "ppo.net_arch=[16]", "ppo.learning_rate=3e-3")
+    train_router(router_config(tiny_family, tmp_path, *overrides))
+    with (tmp_path / "router" / "training_curve.csv").open() as handle:
+        saving = [float(row["saved_executed"]) for row in csv.DictReader(handle)]
+    assert np.mean(saving[-4:]) > np.mean(saving[:4]) + 0.1
+
+
+def test_a_checkpoint_keeps_lambda_and_the_return_scale(tiny_family: Path, tmp_path: Path) -> None:
+    info = train_router(router_config(tiny_family, tmp_path))
+    state = json.loads((tmp_path / "run" / "checkpoints" / f"router_lambda_{info['timesteps']}_steps.json").read_text())
+    assert state["lambda"] == info["lambda"] and state["return_scale"]["count"] > 1
+    rewards = VecNormalize(ModelScheduleVecEnv(episode_config(tiny_family), num_envs=4), norm_obs=False)
+    restore_return_scale(rewards, state)
+    assert training_state(LagrangeMultiplier(info["lambda"], 0.0, 0.25), rewards) == state
 
 
 def test_missing_router_and_bad_budget_fail_on_one_line(tiny_family: Path, tmp_path: Path) -> None:

@@ -25,7 +25,8 @@ from omegaconf import DictConfig, OmegaConf
 from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import BaseCallback, CheckpointCallback
 from stable_baselines3.common.logger import KVWriter, Logger, configure
-from stable_baselines3.common.vec_env import VecMonitor
+from stable_baselines3.common.running_mean_std import RunningMeanStd
+from stable_baselines3.common.vec_env import VecMonitor, VecNormalize
 from torch import nn
 
 from adasched.analysis.evaluation import load_evaluator
@@ -64,38 +65,52 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"env.lambda_init={cfg.env.lambda_init} and env.lambda_lr={cfg.env.lambda_lr} must be >= 0")
 
 
-class RouterCheckpoint(CheckpointCallback):
-    """SB3's periodic checkpoint plus the Lagrange multiplier, written first so every model has its lambda."""
+def training_state(multiplier: LagrangeMultiplier, rewards: VecNormalize) -> dict[str, Any]:
+    """What PPO's own checkpoint lacks: lambda and the running scale of the returns that rewards are divided by."""
+    scale = rewards.ret_rms
+    return {"lambda": multiplier.value, "return_scale": {"mean": float(scale.mean), "var": float(scale.var), "count": float(scale.count)}}
 
-    def __init__(self, save_freq: int, save_path: Path, multiplier: LagrangeMultiplier) -> None:
+
+def restore_return_scale(rewards: VecNormalize, state: dict[str, Any]) -> None:
+    """Continue a run with the return scale it had (a checkpoint without one starts a fresh scale)."""
+    if "return_scale" in state:
+        scale = RunningMeanStd(shape=())
+        scale.mean, scale.var, scale.count = (np.float64(state["return_scale"][key]) for key in ("mean", "var", "count"))
+        rewards.ret_rms = scale
+
+
+class RouterCheckpoint(CheckpointCallback):
+    """SB3's periodic checkpoint plus the training state (lambda, return scale), written first so every model has it."""
+
+    def __init__(self, save_freq: int, save_path: Path, multiplier: LagrangeMultiplier, rewards: VecNormalize) -> None:
         super().__init__(save_freq, str(save_path), name_prefix=CHECKPOINT_PREFIX)
-        self.multiplier = multiplier
+        self.multiplier, self.rewards = multiplier, rewards
 
     def _on_step(self) -> bool:
         if self.n_calls % self.save_freq == 0:
             Path(self.save_path).mkdir(parents=True, exist_ok=True)
-            write_json_atomic(Path(self._checkpoint_path("lambda_", "json")), {"lambda": self.multiplier.value})
+            write_json_atomic(Path(self._checkpoint_path("lambda_", "json")), training_state(self.multiplier, self.rewards))
         return super()._on_step()
 
 
-def save_checkpoint(model: PPO, checkpoint_dir: Path, multiplier: LagrangeMultiplier) -> None:
+def save_checkpoint(model: PPO, checkpoint_dir: Path, multiplier: LagrangeMultiplier, rewards: VecNormalize) -> None:
     """The final state, so a rerun of a finished run resumes at its end instead of its last periodic save."""
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     stem = f"{CHECKPOINT_PREFIX}_{{}}{model.num_timesteps}_steps"
-    write_json_atomic(checkpoint_dir / f"{stem.format('lambda_')}.json", {"lambda": multiplier.value})
+    write_json_atomic(checkpoint_dir / f"{stem.format('lambda_')}.json", training_state(multiplier, rewards))
     model.save(checkpoint_dir / f"{stem.format('')}.zip")
 
 
-def latest_checkpoint(checkpoint_dir: Path, resume: bool) -> tuple[Path, float] | None:
-    """The newest checkpoint (model, lambda) to continue from; a fresh start never overwrites a run."""
+def latest_checkpoint(checkpoint_dir: Path, resume: bool) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint (model, training state) to continue from; a fresh start never overwrites a run."""
     steps = [int(m.group(1)) for p in checkpoint_dir.glob(f"{CHECKPOINT_PREFIX}_*_steps.zip") if (m := re.fullmatch(rf"{CHECKPOINT_PREFIX}_(\d+)_steps\.zip", p.name))]
     if not steps:
         return None
     if not resume:
         raise ConfigError(f"{checkpoint_dir} already holds a run; pass resume=true to continue it or another run_dir to start anew")
     step = max(steps)
-    saved = json.loads((checkpoint_dir / f"{CHECKPOINT_PREFIX}_lambda_{step}_steps.json").read_text(encoding="utf-8"))
-    return checkpoint_dir / f"{CHECKPOINT_PREFIX}_{step}_steps.zip", float(saved["lambda"])
+    state = json.loads((checkpoint_dir / f"{CHECKPOINT_PREFIX}_lambda_{step}_steps.json").read_text(encoding="utf-8"))
+    return checkpoint_dir / f"{CHECKPOINT_PREFIX}_{step}_steps.zip", state
 
 
 CURVE_FILE, CURVE_PLOT = "training_curve.csv", "training_curve.png"
@@ -237,13 +252,16 @@ def train_router(cfg: DictConfig) -> dict[str, Any]:
     run_dir = Path(cfg.run_dir)
     checkpoint_dir = run_dir / "checkpoints"
     latest = latest_checkpoint(checkpoint_dir, cfg.resume)
-    multiplier = LagrangeMultiplier(latest[1] if latest else cfg.env.lambda_init, cfg.env.lambda_lr, cfg.budget)
+    multiplier = LagrangeMultiplier(latest[1]["lambda"] if latest else cfg.env.lambda_init, cfg.env.lambda_lr, cfg.budget)
     spec = SamplingSpec(cfg.sampling.num_steps, cfg.sampling.seq_len, cfg.env.num_envs, cfg.sampling.top_p)
     episodes = EpisodeConfig(models, spec, cfg.budget, multiplier, score, cfg.env.quality_weight)
     env = ModelScheduleVecEnv(episodes, cfg.env.num_envs, seed=cfg.seed)
-    venv = VecMonitor(env)
+    # Rewards are divided by the running scale of the returns: unscaled, a return of -lambda x ~seq_len heavy
+    # forwards makes the value loss so large that PPO's gradient clipping leaves the policy's gradient ~0.
+    venv = VecNormalize(VecMonitor(env), norm_obs=False, norm_reward=True, gamma=cfg.ppo.gamma)
     if latest:
-        print(f"resuming from {latest[0]} (lambda {latest[1]:.4f})")
+        restore_return_scale(venv, latest[1])
+        print(f"resuming from {latest[0]} (lambda {multiplier.value:.4f})")
         model = PPO.load(latest[0], env=venv, device="cpu")
     else:
         ppo = OmegaConf.to_container(cfg.ppo, resolve=True)
@@ -251,11 +269,11 @@ def train_router(cfg: DictConfig) -> dict[str, Any]:
         model = PPO("MlpPolicy", venv, policy_kwargs={"net_arch": net_arch}, seed=cfg.seed, device="cpu", **ppo)
     model.set_logger(make_logger(cfg, run_dir))
     curve = TrainingCurve(run_dir / CURVE_FILE, multiplier, 0.0)
-    callbacks = [RouterCheckpoint(max(1, cfg.checkpoint_every_n_timesteps // cfg.env.num_envs), checkpoint_dir, multiplier), curve]
+    callbacks = [RouterCheckpoint(max(1, cfg.checkpoint_every_n_timesteps // cfg.env.num_envs), checkpoint_dir, multiplier, venv), curve]
     remaining = cfg.ppo.total_timesteps - model.num_timesteps
     if remaining > 0:
         model.learn(remaining, callback=callbacks, progress_bar=cfg.progress_bar, reset_num_timesteps=False)
-        save_checkpoint(model, checkpoint_dir, multiplier)
+        save_checkpoint(model, checkpoint_dir, multiplier, venv)
     model.logger.close()
 
     info = {
