@@ -33,13 +33,13 @@ test-gpu: install
 # On a 2-core CPU two members side by side at one thread each train ~9% more per hour in all (docs/training.md):
 #   make -j2 family FAMILY_THREADS=1
 # On a GPU:  make family FAMILY_ARGS=trainer=gpu  (FAMILY_ARGS go to every member's training)
-# Members are listed so that -j2 pairs a deep member with shallow ones. Blocks of 256 tokens (16 a step): at
-# length 128 the 6-block heavy gained only 0.03 nats/token over the 2-block light (docs/training.md).
+# Members are listed so that -j2 pairs a deep member with shallow ones. The shape is data/shakespeare.yaml's
+# (blocks of 256 tokens, 16 a step: at length 128 the 6-block heavy gained only 0.03 nats/token over the
+# 2-block light, docs/training.md).
 FAMILY_STEPS ?= 4000
 FAMILY_THREADS ?= null
 FAMILY_ARGS ?=
-FAMILY_SHAPE := data.seq_len=256 data.module.batch_size=16
-TRAIN := $(PY) experiments/train.py trainer.max_steps=$(FAMILY_STEPS) threads=$(FAMILY_THREADS) $(FAMILY_SHAPE) $(FAMILY_ARGS)
+TRAIN := $(PY) experiments/train.py trainer.max_steps=$(FAMILY_STEPS) threads=$(FAMILY_THREADS) $(FAMILY_ARGS)
 SHIPPED := checkpoints/shakespeare
 MEMBERS := heavy light ar_evaluator light_b3 heavy_seed1 light_b4 light_b5
 .PHONY: $(addprefix family-,$(MEMBERS))
