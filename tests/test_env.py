@@ -123,7 +123,8 @@ def test_train_export_resume_and_the_policy_acts_like_the_router(tiny_family: Pa
     info = train_router(router_config(tiny_family, tmp_path))
     saved = json.loads((tmp_path / "router" / "router.json").read_text())
     assert saved["timesteps"] == info["timesteps"] >= 256 and saved["budget"] == 0.25 and len(saved["features"]) == 9
-    assert train_router(router_config(tiny_family, tmp_path))["timesteps"] == info["timesteps"]  # resumed at the end
+    resumed = train_router(router_config(tiny_family, tmp_path))  # at the end: exports again, with the whole record
+    assert all(resumed[key] == info[key] for key in ("timesteps", "convergence", "train_wall_seconds")) and info["convergence"]
     with (tmp_path / "router" / "training_curve.csv").open() as handle:
         curve = list(csv.DictReader(handle))
     assert len(curve) >= 2 and float(curve[-1]["timesteps"]) <= info["timesteps"] and (tmp_path / "router" / "training_curve.png").is_file()

@@ -124,18 +124,19 @@ class TrainingCurve(BaseCallback):
     (CSV, and W&B when on).
     """
 
-    def __init__(self, path: Path, multiplier: LagrangeMultiplier, wall_s: float) -> None:
+    def __init__(self, path: Path, multiplier: LagrangeMultiplier, timesteps: int) -> None:
+        """Continues the curve of a run resumed at ``timesteps`` (rows written after that checkpoint are redone)."""
         super().__init__()
-        self.path, self.multiplier, self.wall_s = path, multiplier, wall_s
+        self.path, self.multiplier = path, multiplier
         self.rows: list[dict[str, float]] = []
+        if path.exists():
+            with path.open(newline="", encoding="utf-8") as handle:
+                self.rows = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(handle) if float(row["timesteps"]) <= timesteps]
+        self.wall_s = self.rows[-1]["wall_s"] if self.rows else 0.0
         self.episodes: list[dict[str, float]] = []
 
     def _on_training_start(self) -> None:
         self.clock = time.perf_counter()
-        if self.path.exists():
-            with self.path.open(newline="", encoding="utf-8") as handle:
-                self.rows = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(handle) if float(row["timesteps"]) <= self.num_timesteps]
-            self.wall_s = self.rows[-1]["wall_s"] if self.rows else self.wall_s
 
     def _on_step(self) -> bool:
         for info in self.locals["infos"]:
@@ -268,7 +269,7 @@ def train_router(cfg: DictConfig) -> dict[str, Any]:
         net_arch, _ = ppo.pop("net_arch"), ppo.pop("total_timesteps")
         model = PPO("MlpPolicy", venv, policy_kwargs={"net_arch": net_arch}, seed=cfg.seed, device="cpu", **ppo)
     model.set_logger(make_logger(cfg, run_dir))
-    curve = TrainingCurve(run_dir / CURVE_FILE, multiplier, 0.0)
+    curve = TrainingCurve(run_dir / CURVE_FILE, multiplier, model.num_timesteps)
     callbacks = [RouterCheckpoint(max(1, cfg.checkpoint_every_n_timesteps // cfg.env.num_envs), checkpoint_dir, multiplier, venv), curve]
     remaining = cfg.ppo.total_timesteps - model.num_timesteps
     if remaining > 0:
