@@ -25,7 +25,6 @@ from omegaconf import DictConfig, OmegaConf
 from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import BaseCallback, CheckpointCallback
 from stable_baselines3.common.logger import KVWriter, Logger, configure
-from stable_baselines3.common.running_mean_std import RunningMeanStd
 from stable_baselines3.common.vec_env import VecMonitor, VecNormalize
 from torch import nn
 
@@ -74,9 +73,8 @@ def training_state(multiplier: LagrangeMultiplier, rewards: VecNormalize) -> dic
 def restore_return_scale(rewards: VecNormalize, state: dict[str, Any]) -> None:
     """Continue a run with the return scale it had (a checkpoint without one starts a fresh scale)."""
     if "return_scale" in state:
-        scale = RunningMeanStd(shape=())
+        scale = rewards.ret_rms
         scale.mean, scale.var, scale.count = (np.float64(state["return_scale"][key]) for key in ("mean", "var", "count"))
-        rewards.ret_rms = scale
 
 
 class RouterCheckpoint(CheckpointCallback):
