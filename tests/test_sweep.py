@@ -20,7 +20,7 @@ from adasched.analysis.segment_search import (
 )
 from adasched.errors import ConfigError
 from adasched.jobs import sweep as sweep_job
-from adasched.jobs.sweep import merge_shards, sweep
+from adasched.jobs.sweep import merge_shards, pair_against, sweep
 from tests.helpers import ROOT, compose_config, sweep_config
 
 ARMS = ["static_heavy", "static_sandwich", "mask_fraction_router", "entropy_probe", "entropy_lagged"]
@@ -53,6 +53,26 @@ def test_every_arm_runs_at_every_budget_and_pairs_with_the_reference(tiny_family
     figures = list((tmp_path / "schedules").glob("*.png"))  # a schedule and a per-step path KL curve per arm
     assert len(list((tmp_path / "samples").glob("*.jsonl"))) == len(rows) == len(figures) // 2 == sum(f.stem.endswith("_path_kl") for f in figures)
     assert (tmp_path / "quality_vs_compute.png").stat().st_size > 1000 and (tmp_path / "path_kl_per_step.png").stat().st_size > 1000
+
+
+def test_a_finished_sweep_pairs_against_any_of_its_arms_without_resampling(tiny_family: Path, tmp_path: Path) -> None:
+    cfg = sweep_config(tiny_family, tmp_path, "experiment.budgets=[0.2]")
+    with open_dict(cfg):
+        for name in ARMS[3:]:
+            cfg.experiment.arms.pop(name)
+    by_label = {row["label"]: row for row in sweep(cfg)}
+    repaired = {row["label"]: row for row in pair_against(tmp_path, "mask_fraction_router")}
+    assert repaired["mask_fraction_router@0.2"]["verdict"] == "reference"
+    against, back = by_label["mask_fraction_router@0.2"], repaired["static_sandwich@0.2"]
+    for key in ("diff_vs_reference", "path_kl_diff"):  # the same pairs, the other way round
+        assert back[key] == pytest.approx(-against[key], abs=0.011)
+    assert back["diff_ci95"] == against["diff_ci95"] and back["path_kl_diff_ci95"] == against["path_kl_diff_ci95"]
+    assert repaired["static_heavy"]["verdict"] == ""  # no unbudgeted mask_fraction_router to pair the budget-free arm with
+    assert (tmp_path / "table_vs_mask_fraction_router.csv").is_file() and read_table(tmp_path) == [
+        {k: str(v) for k, v in row.items() if k not in ("wall_s", "speedup_vs_reference")} for row in by_label.values()
+    ]
+    with pytest.raises(ConfigError, match="reference='kl_router' is not an arm of the sweep"):
+        pair_against(tmp_path, "kl_router")
 
 
 SEARCH = ["experiment=exhaustive", "experiment.segment_search.num_segments=4", "experiment.segment_search.light_segments=2"]

@@ -150,6 +150,24 @@ def run_arms(cfg: DictConfig, arms: list[Arm], log: ArmLog, start: int, total: i
         log_run(cfg, f"{cfg.experiment.name}__{arm.label}", summary, {"samples": samples_table(record["seeds"], record["nll"], outcome.texts)}, {"schedule": schedule})
 
 
+def pair_against(folder: Path, reference: str) -> list[dict[str, Any]]:
+    """The table of a finished sweep (or of its shards) paired against another of its arms instead of the
+    experiment's reference, from the same samples (nothing is resampled): e.g. every router against kl_router.
+
+    Written to ``table_vs_<reference>.csv`` beside the sweep's own table, which stays as it is.
+    """
+    _, records, _ = read_sweep(folder)
+    ordered = sorted(records.values(), key=lambda record: record["index"])
+    arms = list(dict.fromkeys(record["arm"] for record in ordered))
+    if reference not in arms:
+        raise ConfigError(f"reference={reference!r} is not an arm of the sweep in {folder}; its arms: {', '.join(arms)}")
+    rows = sweep_rows(ordered, reference)
+    write_text_atomic(folder / f"table_vs_{reference}.csv", to_csv(rows, SWEEP_COLUMNS))
+    print(format_table(rows, SWEEP_COLUMNS))
+    print(f"\nwrote {folder / f'table_vs_{reference}.csv'}")
+    return rows
+
+
 def merge_shards(folder: Path) -> list[dict[str, Any]]:
     """Combine the arm logs of a sweep's shards (e.g. a Hydra multirun) under ``folder`` and report on them all.
 
