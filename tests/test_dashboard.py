@@ -65,7 +65,7 @@ def test_offline_dashboard_shows_every_arm_and_its_figures(placement, tmp_path: 
             assert f"{row['diff_vs_reference']} ± {row['diff_ci95']}" in cells and str(row["speedup_vs_reference"]) in cells
             assert f"{row['path_kl_diff']} ± {row['path_kl_diff_ci95']}" in cells and row["path_kl_verdict"] in cells
     figures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
-    assert {"quality_vs_compute.png", "gen_ppl.png", "path_kl_per_step.png"} <= set(figures)
+    assert {"quality_vs_compute.png", "quality_by_arm.png", "path_kl_per_step.png"} <= set(figures)
     assert all((tmp_path / figure).stat().st_size > 1000 for figure in figures)
     assert f"`{COMMAND}`" in text and "group `shakespeare-placement`" in text
 

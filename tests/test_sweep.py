@@ -165,7 +165,7 @@ def test_shards_merge_to_the_single_job_table_with_the_segment_analysis(tiny_fam
     assert read_table(tmp_path / "multirun") == read_table(tmp_path / "single")
     results = json.loads((tmp_path / "multirun" / "results.json").read_text())
     assert results["segment_search"]["schedules"] == 6 and len(results["segment_search"]["influence"]) == 4
-    for figure in ("segments_best_worst", "segments_frequency", "segments_influence", "gen_ppl"):
+    for figure in ("segments_best_worst", "segments_frequency", "segments_influence", "quality_by_arm"):
         assert (tmp_path / "multirun" / f"{figure}.png").stat().st_size > 1000
     sweep(sweep_config(tiny_family, tmp_path / "multirun" / "odd", *SEARCH, "seed=5"))
     with pytest.raises(ConfigError, match="other settings"):

@@ -149,7 +149,7 @@ def summary_markdown(experiment: Experiment, command: str, figures: Sequence[Pat
 def write_local(experiment: Experiment, out: Path, command: str) -> Path:
     """The experiment's figures as PNGs and ``dashboard.md`` linking them, into ``out``; returns the markdown's path."""
     out.mkdir(parents=True, exist_ok=True)
-    figures = [plot_quality_vs_compute(experiment.records, out / "quality_vs_compute.png"), plot_arms(experiment.records, out / "gen_ppl.png")]
+    figures = [plot_quality_vs_compute(experiment.records, out / "quality_vs_compute.png"), plot_arms(experiment.records, out / "quality_by_arm.png")]
     if (path_kl_figure := plot_runs_path_kl_per_step(experiment.records, out / "path_kl_per_step.png")) is not None:
         figures.append(path_kl_figure)
     if experiment.segment_search:

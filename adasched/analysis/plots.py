@@ -84,13 +84,20 @@ def plot_quality_vs_compute(rows: Sequence[dict], path: Path, saving_key: str = 
 
 
 def plot_arms(rows: Sequence[dict], path: Path) -> Path:
-    """Generative perplexity with its 95% CI per arm, as bars (the paper's Fig. 1 and 8-11)."""
-    figure, axis = plt.subplots(figsize=(max(5, 0.6 * len(rows)), 4))
+    """Quality per arm as bars with 95% CIs (the paper's Fig. 1 and 8-11): generative perplexity, and beside
+    it the path KL to the all-heavy sampler where the arms measured it."""
+    measures = [("generative perplexity (95% CI)", lambda row: row["gen_ppl"])]
+    if all("path_kl" in row for row in rows):
+        measures.append(("path KL to all-heavy, nats/sequence (95% CI)", lambda row: row["path_kl"]["per_sequence"]))
+    width = max(5, 0.6 * len(rows))
+    figure, axes = plt.subplots(1, len(measures), figsize=(width * len(measures), 4), squeeze=False)
     positions = range(len(rows))
-    axis.bar(positions, [r["gen_ppl"]["mean"] for r in rows], yerr=[r["gen_ppl"]["ci95"] for r in rows], capsize=3, color=MODEL_COLORS[0])
-    axis.set_xticks(positions, [r["label"] for r in rows], rotation=45, ha="right")
-    axis.set_ylabel("generative perplexity (95% CI)")
-    axis.grid(axis="y", alpha=0.3)
+    for axis, (label, value) in zip(axes[0], measures):
+        axis.bar(positions, [value(r)["mean"] for r in rows], yerr=[value(r)["ci95"] for r in rows], capsize=3, color=MODEL_COLORS[0])
+        axis.set_xticks(positions, [r["label"] for r in rows], rotation=45, ha="right")
+        axis.set_ylabel(label)
+        axis.grid(axis="y", alpha=0.3)
+    figure.tight_layout()
     return save_figure(figure, path)
 
 

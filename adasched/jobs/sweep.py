@@ -129,7 +129,7 @@ def write_report(folder: Path, experiment: dict[str, Any], records: list[dict[st
     write_json_atomic(folder / "results.json", results)
     plot_quality_vs_compute(records, folder / "quality_vs_compute.png")
     plot_runs_path_kl_per_step(records, folder / "path_kl_per_step.png")
-    plot_arms(records, folder / "gen_ppl.png")
+    plot_arms(records, folder / "quality_by_arm.png")
     print(format_table(rows, SWEEP_COLUMNS))
     print(f"\nwrote {folder / 'table.csv'}, results.json and figures")
     return rows
