@@ -19,7 +19,7 @@ from adasched.jobs.sweep import merge_shards, pair_against
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("folder", type=Path, help="the folder holding the shards' run folders")
+    parser.add_argument("folder", type=Path, help="a sweep's run folder, or the folder holding its shards' run folders")
     parser.add_argument("--reference", default=None, help="an arm to pair every other against (default: merge the shards' report)")
     args = parser.parse_args(argv)
     with user_errors_exit():
