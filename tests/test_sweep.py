@@ -13,6 +13,7 @@ import pytest
 from omegaconf import open_dict
 
 from adasched.analysis.segment_search import (
+    MEASURES,
     analysis,
     searched,
     segment_influence,
@@ -135,24 +136,35 @@ def test_a_bad_budget_or_reference_fails_before_sampling(tiny_family: Path, tmp_
     assert not (tmp_path / "arms.jsonl").exists()
 
 
-def segment_record(light_segments: list[int], ppl: float) -> dict:
+def segment_record(light_segments: list[int], ppl: float, path_kl: float) -> dict:
     return {
         "label": "light_" + "-".join(map(str, light_segments)), "policy": "static_segment_mask", "gen_ppl": {"mean": ppl},
-        "policy_config": {"num_segments": 4, "light_segments": light_segments},
+        "path_kl": {"per_sequence": {"mean": path_kl}}, "policy_config": {"num_segments": 4, "light_segments": light_segments},
     }
 
 
-def test_segment_influence_and_frequencies_follow_eq_8() -> None:
+def test_segment_influence_and_frequencies_follow_eq_8_for_each_measure() -> None:
     arms = segment_search_arms(num_segments=4, light_segments=2)
     assert len(arms) == 6 and arms["light_0-3"]["light_segments"] == [0, 3]
-    # perplexity = 10 + how many middle segments (1, 2) are light: the middle is what hurts
-    records = [segment_record(config["light_segments"], 10.0 + sum(j in (1, 2) for j in config["light_segments"])) for config in arms.values()]
-    influence = segment_influence(searched(records))
+    # perplexity = 10 + how many middle segments (1, 2) are light: the middle is what hurts;
+    # path KL = the sum of the light segments' indices: the later, the worse
+    records = [
+        segment_record(config["light_segments"], 10.0 + sum(j in (1, 2) for j in config["light_segments"]), float(sum(config["light_segments"])))
+        for config in arms.values()
+    ]
+    ppl, path_kl = MEASURES
+    influence = segment_influence(searched(records, ppl), ppl)
     mean = 11.0
     assert influence == pytest.approx([(10 + 11 + 11) / 3 - mean, (11 + 12 + 11) / 3 - mean, (11 + 12 + 11) / 3 - mean, (11 + 11 + 10) / 3 - mean])
+    # each segment is light in 3 schedules, with each other segment once: I(j) = (3j + (6 - j)) / 3 - 3 = 2(j - 1.5) / 3
+    assert segment_influence(searched(records, path_kl), path_kl) == pytest.approx([2 * (j - 1.5) / 3 for j in range(4)])
     summary = analysis(records, top_k=1)
-    assert summary["best"][0] == ("light_0-3", 10.0) and summary["worst"][-1] == ("light_1-2", 12.0)
-    assert summary["frequency_top1"] == [1, 0, 0, 1] and summary["frequency_bottom1"] == [0, 1, 1, 0]
+    assert summary["schedules"] == 6
+    assert summary["gen_ppl"]["best"][0] == ("light_0-3", 10.0) and summary["gen_ppl"]["worst"][-1] == ("light_1-2", 12.0)
+    assert summary["gen_ppl"]["frequency_top1"] == [1, 0, 0, 1] and summary["gen_ppl"]["frequency_bottom1"] == [0, 1, 1, 0]
+    assert summary["path_kl"]["best"][0] == ("light_0-1", 1.0) and summary["path_kl"]["frequency_bottom1"] == [0, 0, 1, 1]
+    without_path_kl = [{key: value for key, value in record.items() if key != "path_kl"} for record in records]
+    assert "path_kl" not in analysis(without_path_kl)
 
 
 def test_shards_merge_to_the_single_job_table_with_the_segment_analysis(tiny_family: Path, tmp_path: Path) -> None:
@@ -164,7 +176,8 @@ def test_shards_merge_to_the_single_job_table_with_the_segment_analysis(tiny_fam
     assert [row["label"] for row in merged] == [row["label"] for row in single]
     assert read_table(tmp_path / "multirun") == read_table(tmp_path / "single")
     results = json.loads((tmp_path / "multirun" / "results.json").read_text())
-    assert results["segment_search"]["schedules"] == 6 and len(results["segment_search"]["influence"]) == 4
+    assert results["segment_search"]["schedules"] == 6
+    assert all(len(results["segment_search"][key]["influence"]) == 4 for key in ("gen_ppl", "path_kl"))
     for figure in ("segments_best_worst", "segments_frequency", "segments_influence", "quality_by_arm"):
         assert (tmp_path / "multirun" / f"{figure}.png").stat().st_size > 1000
     sweep(sweep_config(tiny_family, tmp_path / "multirun" / "odd", *SEARCH, "seed=5"))
