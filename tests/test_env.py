@@ -104,6 +104,21 @@ def test_the_multiplier_rises_below_the_budget_and_stops_at_zero() -> None:
     assert multiplier.update(1.0) == 0.0
 
 
+def test_a_decaying_dual_step_settles_lambda_where_a_constant_one_wanders() -> None:
+    """Savings that respond to lambda with noise: the decaying step ends near the balancing price, and steadier."""
+
+    def run(decay: float, seed: int) -> list[float]:
+        rng = np.random.default_rng(seed)
+        multiplier = LagrangeMultiplier(0.3, 1.0, target=0.25, decay=decay)
+        return [multiplier.update(0.25 + 0.2 * (multiplier.value - 1.0) + rng.normal(0, 0.05)) for _ in range(400)]
+
+    for seed in range(5):
+        settled, wandering = np.array(run(0.6, seed)), np.array(run(0.0, seed))
+        assert abs(settled[-100:].mean() - 1.0) < 0.05 and settled[-100:].std() < wandering[-100:].std() / 2
+    multiplier = LagrangeMultiplier(1.0, 0.5, target=0.25, decay=1.0, updates=3)  # a resumed run continues its decay
+    assert multiplier.update(0.05) == pytest.approx(1.0 + 0.5 / 4 * 0.2)
+
+
 def test_vec_env_rows_end_on_their_own_and_restart_and_train_with_ppo(tiny_family: Path) -> None:
     env = ModelScheduleVecEnv(episode_config(tiny_family), num_envs=4, seed=0)
     observation = env.reset()
@@ -165,7 +180,8 @@ def test_a_checkpoint_keeps_lambda_and_the_return_scale(tiny_family: Path, tmp_p
     assert state["lambda"] == info["lambda"] and state["return_scale"]["count"] > 1
     rewards = VecNormalize(ModelScheduleVecEnv(episode_config(tiny_family), num_envs=4), norm_obs=False)
     restore_return_scale(rewards, state)
-    assert training_state(LagrangeMultiplier(info["lambda"], 0.0, 0.25), rewards) == state
+    assert state["lambda_updates"] > 0
+    assert training_state(LagrangeMultiplier(info["lambda"], 0.0, 0.25, updates=state["lambda_updates"]), rewards) == state
 
 
 def test_missing_router_and_bad_budget_fail_on_one_line(tiny_family: Path, tmp_path: Path) -> None:

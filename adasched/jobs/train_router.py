@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import BaseCallback, CheckpointCallback
 from stable_baselines3.common.logger import KVWriter, Logger, configure
+from stable_baselines3.common.utils import LinearSchedule
 from stable_baselines3.common.vec_env import VecMonitor, VecNormalize
 from torch import nn
 
@@ -60,14 +61,18 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if not isinstance(value, int) or value <= 0:
             raise ConfigError(f"{key}={value!r} is invalid; it must be a positive integer")
-    if cfg.env.lambda_init < 0 or cfg.env.lambda_lr < 0:
-        raise ConfigError(f"env.lambda_init={cfg.env.lambda_init} and env.lambda_lr={cfg.env.lambda_lr} must be >= 0")
+    for key in ("env.lambda_init", "env.lambda_lr", "env.lambda_lr_decay", "ppo.learning_rate_end"):
+        if OmegaConf.select(cfg, key) < 0:
+            raise ConfigError(f"{key}={OmegaConf.select(cfg, key)} is invalid; it must be >= 0")
 
 
 def training_state(multiplier: LagrangeMultiplier, rewards: VecNormalize) -> dict[str, Any]:
-    """What PPO's own checkpoint lacks: lambda and the running scale of the returns that rewards are divided by."""
+    """What PPO's own checkpoint lacks: lambda, its step count and the running scale of the returns that rewards are divided by."""
     scale = rewards.ret_rms
-    return {"lambda": multiplier.value, "return_scale": {"mean": float(scale.mean), "var": float(scale.var), "count": float(scale.count)}}
+    return {
+        "lambda": multiplier.value, "lambda_updates": multiplier.updates,
+        "return_scale": {"mean": float(scale.mean), "var": float(scale.var), "count": float(scale.count)},
+    }
 
 
 def restore_return_scale(rewards: VecNormalize, state: dict[str, Any]) -> None:
@@ -251,7 +256,8 @@ def train_router(cfg: DictConfig) -> dict[str, Any]:
     run_dir = Path(cfg.run_dir)
     checkpoint_dir = run_dir / "checkpoints"
     latest = latest_checkpoint(checkpoint_dir, cfg.resume)
-    multiplier = LagrangeMultiplier(latest[1]["lambda"] if latest else cfg.env.lambda_init, cfg.env.lambda_lr, cfg.budget)
+    state = latest[1] if latest else {"lambda": cfg.env.lambda_init}
+    multiplier = LagrangeMultiplier(state["lambda"], cfg.env.lambda_lr, cfg.budget, cfg.env.lambda_lr_decay, state.get("lambda_updates", 0))
     spec = SamplingSpec(cfg.sampling.num_steps, cfg.sampling.seq_len, cfg.env.num_envs, cfg.sampling.top_p)
     episodes = EpisodeConfig(models, spec, cfg.budget, multiplier, score, cfg.env.quality_weight)
     env = ModelScheduleVecEnv(episodes, cfg.env.num_envs, seed=cfg.seed)
@@ -265,6 +271,8 @@ def train_router(cfg: DictConfig) -> dict[str, Any]:
     else:
         ppo = OmegaConf.to_container(cfg.ppo, resolve=True)
         net_arch, _ = ppo.pop("net_arch"), ppo.pop("total_timesteps")
+        # SB3 anneals over the run's total timesteps, a resumed run's included
+        ppo["learning_rate"] = LinearSchedule(ppo["learning_rate"], ppo.pop("learning_rate_end"), end_fraction=1.0)
         model = PPO("MlpPolicy", venv, policy_kwargs={"net_arch": net_arch}, seed=cfg.seed, device="cpu", **ppo)
     model.set_logger(make_logger(cfg, run_dir))
     curve = TrainingCurve(run_dir / CURVE_FILE, multiplier, model.num_timesteps)

@@ -50,14 +50,22 @@ Scorer = Callable[[torch.Tensor], torch.Tensor]  # generated tokens (B, L) -> (B
 
 @dataclass
 class LagrangeMultiplier:
-    """The price of a heavy forward's FLOPs: projected dual ascent on ``target - saving``, never below 0."""
+    """The price of a heavy forward's FLOPs: projected dual ascent on ``target - saving``, never below 0.
+
+    The k-th step is ``lr / k**decay``. The saving it follows is measured on a few noisy episodes, so a
+    constant step (``decay = 0``) leaves lambda wandering as a random walk around its target; a decaying
+    one (``0.5 < decay <= 1``, the Robbins-Monro condition) lets it settle while it can still travel any distance.
+    """
 
     value: float
     lr: float
     target: float
+    decay: float = 0.0
+    updates: int = 0  # steps taken so far, kept in checkpoints so a resumed run continues the decay
 
     def update(self, saving: float) -> float:
-        self.value = max(0.0, self.value + self.lr * (self.target - saving))
+        self.updates += 1
+        self.value = max(0.0, self.value + self.lr / self.updates**self.decay * (self.target - saving))
         return self.value
 
 
