@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from omegaconf import open_dict
 
+from adasched.analysis.arm_log import content_digest
 from adasched.analysis.segment_search import (
     MEASURES,
     analysis,
@@ -22,7 +23,8 @@ from adasched.analysis.segment_search import (
 from adasched.errors import ConfigError
 from adasched.jobs import sweep as sweep_job
 from adasched.jobs.sweep import merge_shards, pair_against, sweep
-from tests.helpers import ROOT, compose_config, sweep_config
+from adasched.models.family import load_family
+from tests.helpers import ROOT, compose_config, fitted_kl_router, sweep_config
 
 ARMS = ["static_heavy", "static_sandwich", "mask_fraction_router", "entropy_probe", "entropy_lagged"]
 
@@ -121,6 +123,29 @@ def test_resuming_under_other_settings_or_arms_is_refused(tiny_family: Path, tmp
     cfg.experiment.arms.static_sandwich.light = 0
     with pytest.raises(ConfigError, match="arm static_sandwich@0.2 .* was run with policy config"):
         sweep(cfg)
+
+
+def test_an_arm_whose_router_was_refitted_since_it_ran_is_sampled_again(tiny_family: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    models = list(load_family({name: tiny_family / name for name in ("heavy", "light")}).values())
+    router = fitted_kl_router(models, tmp_path / "router", num_steps=20)
+    cfg = sweep_config(tiny_family, tmp_path / "run", "experiment.budgets=[]", "experiment.reference=null")
+    with open_dict(cfg):
+        cfg.experiment.arms = {
+            "static_heavy": cfg.experiment.arms.static_heavy,
+            "kl_router": {"_target_": "policies.make_policy", "name": "kl_router", "path": str(router), "threshold": 0.0, "light": 1},
+        }
+    evaluate, calls = sweep_job.evaluate_arm, []
+    monkeypatch.setattr(sweep_job, "evaluate_arm", lambda setting, label, *args, **kwargs: calls.append(label) or evaluate(setting, label, *args, **kwargs))
+    sweep(cfg)
+    sweep(cfg)  # nothing changed: nothing runs
+    assert calls == ["static_heavy", "kl_router"]
+    first = json.loads((tmp_path / "run" / "arms.jsonl").read_text().splitlines()[1])
+    assert first["artifacts"] == {"path": content_digest(router)} and content_digest(router) != content_digest(tiny_family / "heavy")
+    fitted_kl_router(models, router, num_steps=40)  # refitted on other rollouts
+    sweep(cfg)
+    lines = [json.loads(line) for line in (tmp_path / "run" / "arms.jsonl").read_text().splitlines()]
+    assert calls == ["static_heavy", "kl_router", "kl_router"] and [line["label"] for line in lines] == ["static_heavy", "kl_router", "kl_router"]
+    assert lines[2]["artifacts"] == {"path": content_digest(router)} != first["artifacts"]  # the old line stays, superseded
 
 
 @pytest.mark.parametrize(

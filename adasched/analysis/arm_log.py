@@ -3,11 +3,14 @@
 Each finished arm is one JSON line, written in one ``write`` and fsynced before the next arm starts: a crash
 loses at most the arm in progress. A line torn by a crash mid-write is dropped (and cut off the file) on the
 next load. The settings every arm must share (seeds, sampler, family, evaluator) are kept beside the lines;
-resuming under other settings is refused, since the arms would no longer be comparable.
+resuming under other settings is refused, since the arms would no longer be comparable. Each line also holds
+digests of the files its policy read (``artifact_digests``), so an arm whose router was retrained since is
+sampled again; its new line supersedes the old one, which stays in the file.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -18,6 +21,27 @@ from adasched.io import write_json_atomic
 
 SETTINGS_FILE = "settings.json"
 ARMS_FILE = "arms.jsonl"
+
+
+def content_digest(path: Path) -> str:
+    """SHA-256 of a file, or of a folder's files (their relative paths and contents, in sorted order)."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        digest.update(file.relative_to(path).as_posix().encode() + b"\0")  # "." for a lone file
+        with file.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def artifact_digests(policy_config: dict[str, Any]) -> dict[str, str]:
+    """Digests of the files a policy reads (its config's ``path`` or ``*_path`` entries: a trained router, a fitted
+    predictor), by key: what tells an arm finished before a retraining from one finished after it."""
+    return {
+        key: content_digest(Path(value)) for key, value in sorted(policy_config.items())
+        if (key == "path" or key.endswith("_path")) and isinstance(value, str) and Path(value).exists()
+    }
 
 
 class ArmLog:

@@ -5,6 +5,7 @@ an arm whose policy takes a budget runs once per budget (calibrated on the calib
 others once. Every arm samples the same seeds, so the table gives each arm's paired perplexity difference
 to the experiment's reference arm at the same budget. Finished arms are appended to ``arms.jsonl``; rerunning
 the same command skips them, so a sweep killed mid-way finishes with the table an uninterrupted run gives.
+An arm whose policy files (a router) changed since it ran is sampled again instead of reused.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from adasched.analysis.arm_log import ArmLog, read_sweep
+from adasched.analysis.arm_log import ArmLog, artifact_digests, read_sweep
 from adasched.analysis.comparison import SWEEP_COLUMNS, format_table, sweep_rows, to_csv
 from adasched.analysis.plots import (
     plot_arms,
@@ -110,12 +111,20 @@ def sweep(cfg: DictConfig) -> list[dict[str, Any]]:
                 f"arm {arm.label} in {log.path} was run with policy config {finished[arm.label]['policy_config']}, "
                 f"now {arm.config}; remove its line to rerun it, or pass another hydra.run.dir"
             )
-    todo = [arm for arm in arms if arm.label not in finished]
+    todo = [arm for arm in arms if arm.label not in finished or stale(finished[arm.label], arm)]
     print(f"experiment {cfg.experiment.name}: {len(arms)} arms, {len(arms) - len(todo)} already finished in {run_dir}")
     if todo:
         run_arms(cfg, todo, log, start=len(arms) - len(todo), total=len(arms))
         finished = log.load()
     return write_report(run_dir, settings["experiment"], [finished[arm.label] for arm in arms])
+
+
+def stale(record: dict[str, Any], arm: Arm) -> bool:
+    """Whether a finished arm's policy files (a router, a fitted predictor) changed since it ran: then it runs again."""
+    changed = record.get("artifacts", {}) != artifact_digests(arm.config)
+    if changed:
+        print(f"arm {arm.label}: the files its policy reads changed since it ran; sampling it again")
+    return changed
 
 
 def write_report(folder: Path, experiment: dict[str, Any], records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -144,7 +153,10 @@ def run_arms(cfg: DictConfig, arms: list[Arm], log: ArmLog, start: int, total: i
         print(f"[{index}/{total}] {arm.label}", flush=True)
         schedule = log.folder / "schedules" / f"{arm.label}.png"
         outcome = evaluate_arm(setting, arm.label, arm.policy, samples_path=log.folder / "samples" / f"{arm.label}.jsonl", schedule_path=schedule)
-        record = {**outcome.record, "index": arm.index, "arm": arm.name, "budget": arm.budget, "policy_config": arm.config}
+        record = {
+            **outcome.record, "index": arm.index, "arm": arm.name, "budget": arm.budget, "policy_config": arm.config,
+            "artifacts": artifact_digests(arm.config),
+        }
         log.append(record)
         summary = {key: value for key, value in record.items() if key not in ("nll", "seeds", "path_kl_per_sample")}
         log_run(cfg, f"{cfg.experiment.name}__{arm.label}", summary, {"samples": samples_table(record["seeds"], record["nll"], outcome.texts)}, {"schedule": schedule})
