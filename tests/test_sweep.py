@@ -13,6 +13,7 @@ import pytest
 from omegaconf import open_dict
 
 from adasched.analysis.arm_log import content_digest
+from adasched.analysis.plots import plot_arms
 from adasched.analysis.segment_search import (
     MEASURES,
     analysis,
@@ -232,3 +233,10 @@ def test_every_shipped_experiment_expands_to_arms_of_shipped_members(experiment:
     members = list(cfg.family.members)
     assert all((Path(cfg.family.dir) / member / "model.safetensors").is_file() for member in members), members
     assert all(arm.config.get("light", 1) < len(members) for arm in arms)
+
+
+def test_a_search_with_hundreds_of_arms_draws_a_readable_ranked_figure(tmp_path: Path) -> None:
+    rows = [{"label": f"arm{i}", "gen_ppl": {"mean": 500.0 + i % 17, "ci95": 9.0}, "path_kl": {"per_sequence": {"mean": float(i % 13), "ci95": 1.0}}} for i in range(211)]
+    header = plot_arms(rows, tmp_path / "arms.png").read_bytes()[16:24]  # a PNG's IHDR: width, height
+    width, height = int.from_bytes(header[:4], "big"), int.from_bytes(header[4:], "big")
+    assert 1000 < width <= 2 * 8 * 120 + 100 and height < 600  # two 8-inch panels at 120 dpi, not 0.6 inch per arm

@@ -83,18 +83,26 @@ def plot_quality_vs_compute(rows: Sequence[dict], path: Path, saving_key: str = 
     return save_figure(figure, path)
 
 
+MAX_LABELLED_ARMS = 30  # beyond this (an exhaustive search) arms are ranked instead of named: the table names them
+
+
 def plot_arms(rows: Sequence[dict], path: Path) -> Path:
     """Quality per arm as bars with 95% CIs (the paper's Fig. 1 and 8-11): generative perplexity, and beside
-    it the path KL to the all-heavy sampler where the arms measured it."""
+    it the path KL to the all-heavy sampler where the arms measured it. Many arms are drawn sorted, by rank."""
     measures = [("generative perplexity (95% CI)", lambda row: row["gen_ppl"])]
     if all("path_kl" in row for row in rows):
         measures.append(("path KL to all-heavy, nats/sequence (95% CI)", lambda row: row["path_kl"]["per_sequence"]))
-    width = max(5, 0.6 * len(rows))
+    ranked = len(rows) > MAX_LABELLED_ARMS
+    width = 8 if ranked else max(5, 0.6 * len(rows))
     figure, axes = plt.subplots(1, len(measures), figsize=(width * len(measures), 4), squeeze=False)
     positions = range(len(rows))
     for axis, (label, value) in zip(axes[0], measures):
-        axis.bar(positions, [value(r)["mean"] for r in rows], yerr=[value(r)["ci95"] for r in rows], capsize=3, color=MODEL_COLORS[0])
-        axis.set_xticks(positions, [r["label"] for r in rows], rotation=45, ha="right")
+        shown = sorted(rows, key=lambda r: value(r)["mean"]) if ranked else rows
+        axis.bar(positions, [value(r)["mean"] for r in shown], yerr=[value(r)["ci95"] for r in shown], capsize=0 if ranked else 3, color=MODEL_COLORS[0])
+        if ranked:
+            axis.set_xlabel(f"{len(rows)} arms, ranked (names in table.csv)")
+        else:
+            axis.set_xticks(positions, [r["label"] for r in rows], rotation=45, ha="right")
         axis.set_ylabel(label)
         axis.grid(axis="y", alpha=0.3)
     figure.tight_layout()
