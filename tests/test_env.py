@@ -220,4 +220,8 @@ def test_convergence_compares_the_last_fifth_of_a_curve_with_the_fifth_before() 
     assert summary["rollouts_last"] == 2  # timesteps 900 and 1000
     assert summary["episode_return_last"] == pytest.approx(-10 + 9.5) and summary["episode_return_change"] == pytest.approx(2.0)
     assert summary["path_kl_change"] == 0 and summary["saved_executed_last"] == pytest.approx(0.17)
+    assert summary["episode_return_change_ci95"] == pytest.approx(1.96 * 0.5**0.5, abs=1e-4) and not summary["episode_return_flat"]  # windows (-3, -2), (-1, 0)
+    assert summary["path_kl_flat"] and summary["lambda_flat"]
+    noisy = [{**row, "episode_return": -10.0 + (3.0 if i % 2 else -3.0)} for i, row in enumerate(rows + [{**rows[-1], "timesteps": 1100.0}])]
+    assert convergence(noisy)["episode_return_flat"]  # a swing within the noise is flat
     assert convergence([]) == {} and convergence(rows[:1])["episode_return_change"] is None

@@ -168,8 +168,10 @@ class TrainingCurve(BaseCallback):
 
 
 def convergence(rows: list[dict[str, float]], last_fraction: float = 0.2) -> dict[str, Any]:
-    """How flat the curve ended: each measure's mean over the last ``last_fraction`` of timesteps and its change
-    from the window before (as long); a flat run changes little, and its saving sits at the budget."""
+    """How flat the curve ended: each measure's mean over the last ``last_fraction`` of timesteps, its change from
+    the window before (as long), and that change's 95% interval from the rollouts' spread in the two windows.
+    A measure is flat when its change lies within the interval (a strict test: neighbouring rollouts are
+    correlated, so the spread understates the noise); a flat run's saving also sits at the budget."""
     if not rows:
         return {}
     end = rows[-1]["timesteps"]
@@ -177,9 +179,13 @@ def convergence(rows: list[dict[str, float]], last_fraction: float = 0.2) -> dic
     before = [r for r in rows if end * (1 - 2 * last_fraction) < r["timesteps"] <= end * (1 - last_fraction)]
     summary: dict[str, Any] = {"last_fraction": last_fraction, "rollouts_last": len(last)}
     for key in ("episode_return", "path_kl", "saved_executed", "lambda"):
-        mean_last = float(np.mean([r[key] for r in last]))
-        summary[f"{key}_last"] = round(mean_last, 4)
-        summary[f"{key}_change"] = round(mean_last - float(np.mean([r[key] for r in before])), 4) if before else None
+        now, then = np.array([r[key] for r in last]), np.array([r[key] for r in before])
+        summary[f"{key}_last"] = round(float(now.mean()), 4)
+        summary[f"{key}_change"] = summary[f"{key}_change_ci95"] = summary[f"{key}_flat"] = None
+        if len(now) >= 2 and len(then) >= 2:
+            change = float(now.mean() - then.mean())
+            ci95 = 1.96 * float(np.sqrt(now.var(ddof=1) / len(now) + then.var(ddof=1) / len(then)))
+            summary |= {f"{key}_change": round(change, 4), f"{key}_change_ci95": round(ci95, 4), f"{key}_flat": abs(change) <= ci95}
     return summary
 
 
@@ -308,4 +314,9 @@ def train_router(cfg: DictConfig) -> dict[str, Any]:
     }
     export_router(model, Path(cfg.export_dir), info, run_dir / CURVE_FILE)
     print(f"exported learned_router to {cfg.export_dir}: {model.num_timesteps} timesteps, lambda {multiplier.value:.4f}, last saving {env.last_summary.get('saved_executed', float('nan')):.3f}")
+    flat = {key: info["convergence"].get(f"{key}_flat") for key in ("episode_return", "path_kl", "saved_executed", "lambda")}
+    if None in flat.values():
+        print("too few rollouts to tell whether the curves are flat")
+    else:
+        print("flat over the last fifth (change within its 95% interval): " + ", ".join(f"{key} {'yes' if v else 'no'}" for key, v in flat.items()))
     return info
