@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: no display on servers and in CI
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 
@@ -138,14 +139,21 @@ def plot_mask_rate_profile(rates: Sequence[float], excess: dict[str, Sequence[fl
     return save_figure(figure, path)
 
 
-def plot_router_curve(curve_csv: Path, path: Path, title: str) -> Path:
-    """A router's training: episode return, path KL, executed saving and lambda against timesteps."""
+def plot_router_curve(curve_csv: Path, path: Path, title: str, budget: float | None = None) -> Path:
+    """A router's training: episode return, path KL, executed saving (and its target) and lambda against
+    timesteps; each rollout's value thin, and a running mean over a tenth of the rollouts, where flatness shows."""
     with curve_csv.open(newline="", encoding="utf-8") as handle:
         rows = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(handle)]
-    steps = [row["timesteps"] / 1000 for row in rows]
+    steps = np.array([row["timesteps"] / 1000 for row in rows])
+    window = max(1, len(rows) // 10)
     figure, axes = plt.subplots(1, 4, figsize=(14, 3.2))
     for axis, (key, label) in zip(axes, [("episode_return", "episode return"), ("path_kl", "path KL (nats/sequence)"), ("saved_executed", "executed FLOPs saved"), ("lambda", "lambda")]):
-        axis.plot(steps, [row[key] for row in rows], linewidth=1.2)
+        values = np.array([row[key] for row in rows])
+        axis.plot(steps, values, linewidth=0.6, alpha=0.4, color=MODEL_COLORS[0])
+        if window > 1:
+            axis.plot(steps[window - 1 :], np.convolve(values, np.ones(window) / window, mode="valid"), linewidth=1.6, color=MODEL_COLORS[0])
+        if key == "saved_executed" and budget is not None:
+            axis.axhline(budget, color="black", linewidth=0.8, linestyle="--")
         axis.set_xlabel("timesteps (thousands)")
         axis.set_title(label, fontsize=10)
         axis.grid(alpha=0.3)

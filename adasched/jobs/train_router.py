@@ -243,7 +243,7 @@ def export_router(model: PPO, export_dir: Path, info: dict[str, Any], curve: Pat
         learned.save(actor_network(model), partial, info)
         if curve.exists():
             shutil.copyfile(curve, partial / CURVE_FILE)
-            plot_router_curve(curve, partial / CURVE_PLOT, f"learned_router, budget {info['budget']}")
+            plot_router_curve(curve, partial / CURVE_PLOT, f"learned_router, budget {info['budget']}", info["budget"])
     return export_dir
 
 
