@@ -295,7 +295,6 @@ def train_router(cfg: DictConfig) -> dict[str, Any]:
         "family": {"name": cfg.family.name, "members": members},
         "budget": cfg.budget,
         "lambda": multiplier.value,
-        "last_episodes": env.last_summary,  # saved_executed, path_kl and lambda of the last num_envs finished episodes
         "training_curve": CURVE_FILE,
         "convergence": convergence(curve.rows),
         "train_wall_seconds": curve.rows[-1]["wall_s"] if curve.rows else None,
@@ -313,7 +312,7 @@ def train_router(cfg: DictConfig) -> dict[str, Any]:
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     export_router(model, Path(cfg.export_dir), info, run_dir / CURVE_FILE)
-    print(f"exported learned_router to {cfg.export_dir}: {model.num_timesteps} timesteps, lambda {multiplier.value:.4f}, last saving {env.last_summary.get('saved_executed', float('nan')):.3f}")
+    print(f"exported learned_router to {cfg.export_dir}: {model.num_timesteps} timesteps, lambda {multiplier.value:.4f}")
     flat = {key: info["convergence"].get(f"{key}_flat") for key in ("episode_return", "path_kl", "saved_executed", "lambda")}
     if None in flat.values():
         print("too few rollouts to tell whether the curves are flat")

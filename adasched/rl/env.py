@@ -179,10 +179,6 @@ class RowBatch:
         all_heavy = sum(episode["all_heavy_flops"] for episode in self.finished)
         saving = 1.0 - executed / all_heavy
         self.config.multiplier.update(saving)
-        self.last_summary = {
-            "saved_executed": saving, "path_kl": float(np.mean([episode["path_kl"] for episode in self.finished])),
-            "lambda": self.config.multiplier.value,
-        }
         self.finished = []
 
 
@@ -250,10 +246,6 @@ class ModelScheduleVecEnv(VecEnv):
         self.rows = RowBatch(config, num_envs, np.random.default_rng(seed))
         super().__init__(num_envs, feature_space(self.rows.num_models), spaces.Discrete(self.rows.num_models))
         self.actions = np.zeros(num_envs, dtype=np.int64)
-
-    @property
-    def last_summary(self) -> dict[str, float]:
-        return getattr(self.rows, "last_summary", {})
 
     def reset(self) -> VecEnvObs:
         if self._seeds[0] is not None:
