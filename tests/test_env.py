@@ -119,6 +119,24 @@ def test_a_decaying_dual_step_settles_lambda_where_a_constant_one_wanders() -> N
     assert multiplier.update(0.05) == pytest.approx(1.0 + 0.5 / 4 * 0.2)
 
 
+def test_a_proportional_term_damps_the_swing_of_a_policy_that_follows_the_price_with_a_lag() -> None:
+    """The saving moves 1% of the way to a steep response of lambda per update, as a slowly learning policy's does."""
+
+    def distance_from_budget(kp: float, seed: int) -> float:
+        rng = np.random.default_rng(seed)
+        multiplier, saving, distances = LagrangeMultiplier(1.2, 1.0, target=0.25, decay=0.6, kp=kp), 0.3, []
+        for _ in range(200):
+            saving += 0.01 * (0.6 / (1 + np.exp(-(multiplier.value - 1) / 0.05)) - saving)
+            multiplier.update(saving + rng.normal(0, 0.03))
+            distances.append(abs(saving - 0.25))
+        return float(np.mean(distances[100:]))
+
+    for seed in range(5):
+        assert distance_from_budget(1.0, seed) < distance_from_budget(0.0, seed) / 2
+    multiplier = LagrangeMultiplier(0.5, 1.0, target=0.25, kp=2.0, integral=0.4)  # resumed: the integral is its own state
+    assert multiplier.update(0.15) == pytest.approx(0.4 + 0.1 + 2.0 * 0.1) and multiplier.integral == pytest.approx(0.5)
+
+
 def test_vec_env_rows_end_on_their_own_and_restart_and_train_with_ppo(tiny_family: Path) -> None:
     env = ModelScheduleVecEnv(episode_config(tiny_family), num_envs=4, seed=0)
     observation = env.reset()

@@ -61,16 +61,16 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if not isinstance(value, int) or value <= 0:
             raise ConfigError(f"{key}={value!r} is invalid; it must be a positive integer")
-    for key in ("env.lambda_init", "env.lambda_lr", "env.lambda_lr_decay", "ppo.learning_rate_end"):
+    for key in ("env.lambda_init", "env.lambda_lr", "env.lambda_lr_decay", "env.lambda_kp", "ppo.learning_rate_end"):
         if OmegaConf.select(cfg, key) < 0:
             raise ConfigError(f"{key}={OmegaConf.select(cfg, key)} is invalid; it must be >= 0")
 
 
 def training_state(multiplier: LagrangeMultiplier, rewards: VecNormalize) -> dict[str, Any]:
-    """What PPO's own checkpoint lacks: lambda, its step count and the running scale of the returns that rewards are divided by."""
+    """What PPO's own checkpoint lacks: lambda (its integral term and step count) and the running scale of the returns that rewards are divided by."""
     scale = rewards.ret_rms
     return {
-        "lambda": multiplier.value, "lambda_updates": multiplier.updates,
+        "lambda": multiplier.value, "lambda_updates": multiplier.updates, "lambda_integral": multiplier.integral,
         "return_scale": {"mean": float(scale.mean), "var": float(scale.var), "count": float(scale.count)},
     }
 
@@ -263,7 +263,9 @@ def train_router(cfg: DictConfig) -> dict[str, Any]:
     checkpoint_dir = run_dir / "checkpoints"
     latest = latest_checkpoint(checkpoint_dir, cfg.resume)
     state = latest[1] if latest else {"lambda": cfg.env.lambda_init}
-    multiplier = LagrangeMultiplier(state["lambda"], cfg.env.lambda_lr, cfg.budget, cfg.env.lambda_lr_decay, state.get("lambda_updates", 0))
+    multiplier = LagrangeMultiplier(
+        state["lambda"], cfg.env.lambda_lr, cfg.budget, cfg.env.lambda_lr_decay, cfg.env.lambda_kp, state.get("lambda_updates", 0), state.get("lambda_integral")
+    )
     spec = SamplingSpec(cfg.sampling.num_steps, cfg.sampling.seq_len, cfg.env.num_envs, cfg.sampling.top_p)
     episodes = EpisodeConfig(models, spec, cfg.budget, multiplier, score, cfg.env.quality_weight)
     env = ModelScheduleVecEnv(episodes, cfg.env.num_envs, seed=cfg.seed)

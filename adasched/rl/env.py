@@ -50,22 +50,34 @@ Scorer = Callable[[torch.Tensor], torch.Tensor]  # generated tokens (B, L) -> (B
 
 @dataclass
 class LagrangeMultiplier:
-    """The price of a heavy forward's FLOPs: projected dual ascent on ``target - saving``, never below 0.
+    """The price of a heavy forward's FLOPs: a PI controller on the budget's error ``target - saving``, never below 0
+    (the "PID Lagrangian" of Stooke et al. 2020, without the derivative term).
 
-    The k-th step is ``lr / k**decay``. The saving it follows is measured on a few noisy episodes, so a
-    constant step (``decay = 0``) leaves lambda wandering as a random walk around its target; a decaying
-    one (``0.5 < decay <= 1``, the Robbins-Monro condition) lets it settle while it can still travel any distance.
+    The integral term is projected dual ascent whose k-th step is ``lr / k**decay``. The saving it follows is
+    measured on a few noisy episodes, so a constant step (``decay = 0``) leaves lambda wandering as a random walk
+    around its target; a decaying one (``0.5 < decay <= 1``, the Robbins-Monro condition) lets it settle while it
+    can still travel any distance. The policy follows the price with a lag (PPO needs many rollouts to move), so
+    an integral alone overshoots and swings; the proportional term ``kp * error`` answers the error at once and
+    damps the swing.
     """
 
-    value: float
+    value: float  # the price in force: integral + kp * the last error
     lr: float
     target: float
     decay: float = 0.0
+    kp: float = 0.0
     updates: int = 0  # steps taken so far, kept in checkpoints so a resumed run continues the decay
+    integral: float | None = None  # the integral term; starts at ``value``
+
+    def __post_init__(self) -> None:
+        if self.integral is None:
+            self.integral = self.value
 
     def update(self, saving: float) -> float:
         self.updates += 1
-        self.value = max(0.0, self.value + self.lr / self.updates**self.decay * (self.target - saving))
+        error = self.target - saving
+        self.integral = max(0.0, self.integral + self.lr / self.updates**self.decay * error)
+        self.value = max(0.0, self.integral + self.kp * error)
         return self.value
 
 
