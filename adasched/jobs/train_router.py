@@ -62,8 +62,9 @@ def validate(cfg: DictConfig) -> None:
         if not isinstance(value, int) or value <= 0:
             raise ConfigError(f"{key}={value!r} is invalid; it must be a positive integer")
     for key in ("env.lambda_init", "env.lambda_lr", "env.lambda_lr_decay", "env.lambda_kp", "ppo.learning_rate_end"):
-        if OmegaConf.select(cfg, key) < 0:
-            raise ConfigError(f"{key}={OmegaConf.select(cfg, key)} is invalid; it must be >= 0")
+        value = OmegaConf.select(cfg, key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise ConfigError(f"{key}={value!r} is invalid; it must be a number >= 0")
 
 
 def training_state(multiplier: LagrangeMultiplier, rewards: VecNormalize) -> dict[str, Any]:
