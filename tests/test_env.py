@@ -39,11 +39,11 @@ from tests.helpers import compose_config, meter
 STEPS, SEQ_LEN = 10, 16
 
 
-def episode_config(root: Path, budget: float = 0.25, lam: float = 1.0, quality_weight: float = 0.0) -> EpisodeConfig:
+def episode_config(root: Path, budget: float = 0.25, lam: float = 1.0, quality_weight: float = 0.0, budget_penalty: float = 0.0) -> EpisodeConfig:
     models = list(load_family({name: root / name for name in ("heavy", "light")}).values())
     evaluator, evaluator_tokenizer = load_evaluator(str(root / "ar_evaluator"), "cpu", str(root / "tokenizer"))
     score = evaluator_scorer(evaluator, evaluator_tokenizer, load_tokenizer(root / "tokenizer"), 8, "cpu")
-    return EpisodeConfig(models, SamplingSpec(STEPS, SEQ_LEN), budget, LagrangeMultiplier(lam, 0.0, budget), score, quality_weight)
+    return EpisodeConfig(models, SamplingSpec(STEPS, SEQ_LEN), budget, LagrangeMultiplier(lam, 0.0, budget), score, quality_weight, budget_penalty)
 
 
 def router_config(root: Path, run_dir: Path, *overrides: str):
@@ -96,6 +96,15 @@ def test_the_reward_is_minus_the_path_kl_and_the_priced_compute(tiny_family: Pat
 def test_the_optional_terminal_reward_is_the_evaluator_nll(tiny_family: Path) -> None:
     rewards, summary, _ = episode(episode_config(tiny_family, lam=0.0, quality_weight=0.5), 0)
     assert rewards[:-1] == [0.0] * (len(rewards) - 1) and rewards[-1] == pytest.approx(-0.5 * summary["nll"])
+
+
+def test_the_budget_penalty_ends_an_episode_with_its_squared_distance_from_the_target(tiny_family: Path) -> None:
+    for model in (0, 1):  # all-heavy saves nothing, below the target; all-light saves more than it
+        plain, _, _ = episode(episode_config(tiny_family, budget=0.25), model)
+        penalized, summary, _ = episode(episode_config(tiny_family, budget=0.25, budget_penalty=300.0), model)
+        assert penalized[:-1] == pytest.approx(plain[:-1])
+        assert penalized[-1] - plain[-1] == pytest.approx(-150.0 * (summary["saved_executed"] - 0.25) ** 2)
+        assert summary["saved_executed"] != 0.25
 
 
 def test_the_multiplier_rises_below_the_budget_and_stops_at_zero() -> None:
@@ -209,7 +218,11 @@ def test_missing_router_and_bad_budget_fail_on_one_line(tiny_family: Path, tmp_p
         train_router(router_config(tiny_family, tmp_path, "budget=1.5"))
     with pytest.raises(ConfigError, match="sampling.precision='half' is unknown"):
         train_router(router_config(tiny_family, tmp_path, "sampling.precision=half"))
-    for override, message in (("env.lambda_kp=-1", "env.lambda_kp=-1 is invalid; it must be a number >= 0"), ("env.lambda_lr_decay=fast", "env.lambda_lr_decay='fast' is invalid")):
+    for override, message in (
+        ("env.lambda_kp=-1", "env.lambda_kp=-1 is invalid; it must be a number >= 0"),
+        ("env.lambda_lr_decay=fast", "env.lambda_lr_decay='fast' is invalid"),
+        ("env.budget_penalty=-5", "env.budget_penalty=-5 is invalid; it must be a number >= 0"),
+    ):
         with pytest.raises(ConfigError, match=message):
             train_router(router_config(tiny_family, tmp_path, override))
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)

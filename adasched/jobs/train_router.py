@@ -61,7 +61,7 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if not isinstance(value, int) or value <= 0:
             raise ConfigError(f"{key}={value!r} is invalid; it must be a positive integer")
-    for key in ("env.lambda_init", "env.lambda_lr", "env.lambda_lr_decay", "env.lambda_kp", "ppo.learning_rate_end"):
+    for key in ("env.lambda_init", "env.lambda_lr", "env.lambda_lr_decay", "env.lambda_kp", "env.budget_penalty", "ppo.learning_rate_end"):
         value = OmegaConf.select(cfg, key)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
             raise ConfigError(f"{key}={value!r} is invalid; it must be a number >= 0")
@@ -268,7 +268,7 @@ def train_router(cfg: DictConfig) -> dict[str, Any]:
         state["lambda"], cfg.env.lambda_lr, cfg.budget, cfg.env.lambda_lr_decay, cfg.env.lambda_kp, state.get("lambda_updates", 0), state.get("lambda_integral")
     )
     spec = SamplingSpec(cfg.sampling.num_steps, cfg.sampling.seq_len, cfg.env.num_envs, cfg.sampling.top_p)
-    episodes = EpisodeConfig(models, spec, cfg.budget, multiplier, score, cfg.env.quality_weight)
+    episodes = EpisodeConfig(models, spec, cfg.budget, multiplier, score, cfg.env.quality_weight, cfg.env.budget_penalty)
     env = ModelScheduleVecEnv(episodes, cfg.env.num_envs, seed=cfg.seed)
     # Rewards are divided by the running scale of the returns: unscaled, a return of -lambda x ~seq_len heavy
     # forwards makes the value loss so large that PPO's gradient clipping leaves the policy's gradient ~0.
@@ -307,6 +307,7 @@ def train_router(cfg: DictConfig) -> dict[str, Any]:
         "timesteps": model.num_timesteps,
         "num_envs": cfg.env.num_envs,
         "quality_weight": cfg.env.quality_weight,
+        "budget_penalty": cfg.env.budget_penalty,
         "seed": cfg.seed,
         "command": command_line(),
         "trained_on": f"{platform.machine()} {device}",

@@ -13,6 +13,10 @@ episode to minus the sample's path KL minus its priced compute. The budget is ke
 ``lambda`` moves with the executed saving of every ``num_rows`` finished episodes, up while the saving is
 below the target and down while above. At ``lambda = 0`` the cheapest policy is all-heavy (zero KL), whose
 saving is below any budget, so ``lambda`` cannot settle there; it settles where the saving meets the target.
+Where the path KL grows about linearly with the saving, one price makes a wide range of savings equally good
+and the policy swings across it as lambda moves; ``budget_penalty`` (the augmented Lagrangian's quadratic
+term) then ends each episode with ``-budget_penalty / 2 * (saving - budget)**2``, a penalty on both sides of
+the target that makes the target itself the best of that range.
 The evaluator's NLL of a finished sample can be added at the episode's end (``quality_weight``, off by default).
 """
 
@@ -109,6 +113,7 @@ class EpisodeConfig:
     multiplier: LagrangeMultiplier
     score: Scorer | None = None  # the evaluator's NLL of finished samples; needed when quality_weight > 0
     quality_weight: float = 0.0  # terminal reward -quality_weight * NLL (nats/token)
+    budget_penalty: float = 0.0  # terminal reward -budget_penalty / 2 * (the row's saving - budget)**2, in nats
 
 
 class RowBatch:
@@ -167,8 +172,10 @@ class RowBatch:
                 executed = (totals[0] + output.flops[ending]).cpu()
                 all_heavy = (totals[1] + output.all_heavy_flops[ending]).cpu()
                 for i, slot in enumerate(ending):
+                    saved = 1.0 - float(executed[i] / all_heavy[i])
+                    rewards[slot] -= config.budget_penalty / 2 * (saved - config.budget) ** 2
                     summary = {
-                        "saved_executed": 1.0 - float(executed[i] / all_heavy[i]), "path_kl": float(self.episode_kl[slot]),
+                        "saved_executed": saved, "path_kl": float(self.episode_kl[slot]),
                         "executed_flops": float(executed[i]), "all_heavy_flops": float(all_heavy[i]), "lambda": config.multiplier.value,
                     }
                     if nll is not None:
