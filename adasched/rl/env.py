@@ -15,9 +15,8 @@ below the target and down while above. At ``lambda = 0`` the cheapest policy is 
 saving is below any budget, so ``lambda`` cannot settle there; it settles where the saving meets the target.
 Where the path KL grows about linearly with the saving, one price makes a wide range of savings equally good
 and the policy swings across it as lambda moves; ``budget_penalty`` (the augmented Lagrangian's quadratic
-term) then charges each episode ``-budget_penalty / 2 * (saving - budget)**2``, a penalty on both sides of
-the target that makes the target itself the best of that range. It is paid as it accrues, step by step, so the
-step that moves the saving away from the target is the one that pays.
+term) then ends each episode with ``-budget_penalty / 2 * (saving - budget)**2``, a penalty on both sides of
+the target that makes the target itself the best of that range.
 The evaluator's NLL of a finished sample can be added at the episode's end (``quality_weight``, off by default).
 """
 
@@ -114,7 +113,7 @@ class EpisodeConfig:
     multiplier: LagrangeMultiplier
     score: Scorer | None = None  # the evaluator's NLL of finished samples; needed when quality_weight > 0
     quality_weight: float = 0.0  # terminal reward -quality_weight * NLL (nats/token)
-    budget_penalty: float = 0.0  # each episode pays -budget_penalty / 2 * (its saving - budget)**2 nats, as it accrues
+    budget_penalty: float = 0.0  # terminal reward -budget_penalty / 2 * (the row's saving - budget)**2, in nats
 
 
 class RowBatch:
@@ -145,7 +144,6 @@ class RowBatch:
         meter = CostMeter([str(m) for m in range(self.num_models)], [m.config.n_blocks for m in self.config.models])
         self.path = EventTrajectory(self.config.models, self.new_seeds(self.num_rows), self.spec, meter, features=frozenset({ENTROPY}))
         self.episode_kl = torch.zeros(self.num_rows, dtype=torch.float64)
-        self.potential = torch.zeros(self.num_rows, dtype=torch.float64)  # the budget penalty accrued so far
         return self._observe()
 
     def _observe(self) -> np.ndarray:
@@ -158,6 +156,7 @@ class RowBatch:
         path, config = self.path, self.config
         ending = [slot for slot in range(self.num_rows) if path.events_left[slot] == 1]
         samples = path.sample_of[ending].tolist()
+        totals = (path.row_flops[ending], path.row_all_heavy[ending])
         if ending:
             path.enqueue(self.new_seeds(len(ending)))  # starts in the ending rows' slots as they free
         with torch.inference_mode():
@@ -166,18 +165,18 @@ class RowBatch:
             kl = kl.cpu()
             output = path.advance(action)
             self.episode_kl += kl
-            spent = self.state.flops + output.flops.cpu()
-            all_heavy = self.state.all_heavy_flops + output.all_heavy_flops.cpu()
-            saved = 1.0 - spent / all_heavy  # every row revealed at this step, so it paid for a forward
             rewards = -kl - config.multiplier.value * output.flops.cpu() / self.heavy_full
-            rewards += self._shape_budget(saved, output.revealed, ending)
             infos: list[dict[str, float]] = [{} for _ in range(self.num_rows)]
             if ending:
                 nll = config.score(path.tokens_out[samples, path.prefix_len :]).cpu() if config.score is not None else None
+                executed = (totals[0] + output.flops[ending]).cpu()
+                all_heavy = (totals[1] + output.all_heavy_flops[ending]).cpu()
                 for i, slot in enumerate(ending):
+                    saved = 1.0 - float(executed[i] / all_heavy[i])
+                    rewards[slot] -= config.budget_penalty / 2 * (saved - config.budget) ** 2
                     summary = {
-                        "saved_executed": float(saved[slot]), "path_kl": float(self.episode_kl[slot]),
-                        "executed_flops": float(spent[slot]), "all_heavy_flops": float(all_heavy[slot]), "lambda": config.multiplier.value,
+                        "saved_executed": saved, "path_kl": float(self.episode_kl[slot]),
+                        "executed_flops": float(executed[i]), "all_heavy_flops": float(all_heavy[i]), "lambda": config.multiplier.value,
                     }
                     if nll is not None:
                         summary["nll"] = float(nll[i])
@@ -190,19 +189,6 @@ class RowBatch:
         dones = np.zeros(self.num_rows, dtype=bool)
         dones[ending] = True
         return observation, rewards.numpy(), dones, infos
-
-    def _shape_budget(self, saved: torch.Tensor, revealed: torch.Tensor, ending: list[int]) -> torch.Tensor:
-        """The budget penalty's share of this step, paid as it accrues: the change of the potential
-        ``-budget_penalty / 2 * progress * (saving so far - budget)**2``, where progress is the fraction of the
-        row's positions revealed. It is 0 at an episode's start and the whole penalty at its end, so an episode's
-        shares sum to its penalty; a light step that overshoots the budget costs at once, not only at the end."""
-        progress = 1.0 - self.state.mask_fraction + revealed.cpu().double() / self.path.generated
-        progress[ending] = 1.0
-        potential = -self.config.budget_penalty / 2 * progress * (saved - self.config.budget) ** 2
-        share = potential - self.potential
-        self.potential = potential
-        self.potential[ending] = 0.0
-        return share
 
     def _update_multiplier(self) -> None:
         """Move lambda once ``num_rows`` episodes have finished, with their pooled executed saving."""
