@@ -16,7 +16,8 @@ saving is below any budget, so ``lambda`` cannot settle there; it settles where 
 Where the path KL grows about linearly with the saving, one price makes a wide range of savings equally good
 and the policy swings across it as lambda moves; ``budget_penalty`` (the augmented Lagrangian's quadratic
 term) then ends each episode with ``-budget_penalty / 2 * (saving - budget)**2``, a penalty on both sides of
-the target that makes the target itself the best of that range.
+the target that makes the target itself the best of that range. It is charged at the end, not on the running
+saving: PPO's advantages look only ~20 steps ahead, so a running penalty taught it flat schedules.
 The evaluator's NLL of a finished sample can be added at the episode's end (``quality_weight``, off by default).
 """
 
