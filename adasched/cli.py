@@ -8,8 +8,10 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from hydra import compose
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import OmegaConf
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import DictConfig, OmegaConf
 
 from adasched.errors import ConfigError, DataUnavailableError
 
@@ -33,6 +35,15 @@ def check_group_choices(config_dir: Path, overrides: Sequence[str]) -> None:
         for choice in value.split(","):  # multirun sweeps: a,b,c
             if choice not in options:
                 raise ConfigError(f"unknown {group} {choice!r}; choose one of: {', '.join(options)}")
+
+
+def run_defaults() -> DictConfig:
+    """This Hydra run's config composed with its config-group choices but none of its value overrides: the
+    defaults ``adasched.options.check_options`` takes each option's kind from."""
+    hydra_config = HydraConfig.get()
+    overrides = OverridesParser.create().parse_overrides(list(hydra_config.overrides.task))
+    groups = [override.input_line for override in overrides if override.get_key_element().lstrip("+~") in hydra_config.runtime.choices]
+    return compose(hydra_config.job.config_name, overrides=groups)
 
 
 USER_ERRORS = (ConfigError, DataUnavailableError)

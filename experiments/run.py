@@ -5,8 +5,9 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from adasched.cli import preflight, user_errors_exit
+from adasched.cli import preflight, run_defaults, user_errors_exit
 from adasched.jobs.run import run
+from adasched.options import check_options
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -14,6 +15,7 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 @hydra.main(config_path=str(CONFIG_DIR), config_name="run", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     with user_errors_exit():
+        check_options(cfg, run_defaults())  # first: a wrong value fails on one line before any model loads
         run(cfg)
 
 

@@ -22,7 +22,7 @@ def tiny_config(family: Path, run_dir: Path, *overrides: str) -> DictConfig:
     cfg = compose_config(
         "benchmark",
         [
-            "sizes=[shipped_b4,paper]", "device=cpu", "repeats=2", "threads=1",  # tiny ops: 2 threads only contend
+            "sizes=[shipped_b4,paper]", "device=cpu", "repeats=2", "threads=1", "precisions=[float32]",  # tiny ops: 2 threads only contend
             f"size.shipped_b1.family.dir={family}", "size.shipped_b4.num_steps=12", "size.shipped_b4.seq_len=16",
             "size.shipped_b4.batch_size=2", "size.shipped_b4.num_samples=3", "size.shipped_b4.warmup_steps=2",
             "size.paper.random_family.n_blocks=[2,1]", "size.paper.random_family.d_model=32", "size.paper.random_family.n_heads=2",
@@ -43,18 +43,21 @@ def test_benchmark_writes_timings_and_savings(tiny_family: Path, tmp_path: Path)
     assert saved == json.loads(json.dumps(results, default=str))
     meta = saved["metadata"]
     assert meta["device"] == "cpu" and meta["device_name"] and meta["torch"] == torch.__version__
-    assert meta["threads"] == 1 and meta["repeats"] == 2 and meta["dtype"] == "float32" and meta["precision"] == "float32"
+    assert meta["threads"] == 1 and meta["repeats"] == 2 and meta["dtype"] == "float32" and meta["precisions"] == ["float32"]
     assert torch.get_num_threads() == threads_before
     assert set(saved["sizes"]) == set(SIZES)
     vocab = {"shipped_b4": load_denoiser(tiny_family / "heavy").config.vocab_size, "paper": 50}
     for name in SIZES:
-        size = saved["sizes"][name]
-        assert size["setup"]["depths"] == [2, 1] and size["setup"]["vocab"] == vocab[name]
+        assert saved["sizes"][name]["setup"]["depths"] == [2, 1] and saved["sizes"][name]["setup"]["vocab"] == vocab[name]
+        size = saved["sizes"][name]["precisions"]["float32"]
+        assert size["matmul_dtype"] == "float32" and size["bare_matmul_gflops_per_s"] > 0
         assert set(size["cells"]) == {"static_heavy", "static_light", "static_sandwich"}
         for by_sampler in size["cells"].values():
             for cell in by_sampler.values():
                 assert len(cell["wall_s_repeats"]) == 2 and cell["wall_s"] > 0 and cell["s_per_step"] > 0
                 assert cell.get("samples_per_s", cell.get("samples_per_s_extrapolated", 0)) > 0
+                assert cell["gflops_per_s"] == pytest.approx(cell["flops_executed"] / cell["wall_s"] / 1e9)
+                assert cell["of_bare_matmul"] == pytest.approx(cell["gflops_per_s"] / size["bare_matmul_gflops_per_s"])
         assert all(speedup > 0 for speedup in size["speedup_event_over_reference"].values())
         assert all(speedup > 0 for speedup in size["speedup_event_over_step"].values())
         savings = size["savings_vs_static_heavy"]
@@ -65,7 +68,7 @@ def test_benchmark_writes_timings_and_savings(tiny_family: Path, tmp_path: Path)
                 assert row["wall_saved"] < 1 and 0 < row["flops_saved_executed"] <= 1 and 0 < row["flops_saved_nominal"] <= 1
                 assert row["realized_over_predicted"] == pytest.approx(row["wall_saved"] / row["flops_saved_executed"])
         assert savings["static_light"]["event"]["flops_saved_nominal"] == pytest.approx(0.5)
-    shipped, paper = saved["sizes"]["shipped_b4"], saved["sizes"]["paper"]
+    shipped, paper = (saved["sizes"][name]["precisions"]["float32"] | saved["sizes"][name] for name in ("shipped_b4", "paper"))
     assert "samples_per_s" in shipped["cells"]["static_heavy"]["event"] and shipped["setup"]["steps_timed"] == 12
     # the slice: 8 steps, the sandwich's schedule laid over them (2 of 8 light), both batches timed
     assert paper["setup"]["steps_timed"] == 8 and "samples_per_s_extrapolated" in paper["cells"]["static_heavy"]["event"]
@@ -77,14 +80,34 @@ def test_benchmark_writes_timings_and_savings(tiny_family: Path, tmp_path: Path)
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["sizes=[huge]"], "unknown size 'huge'; choose from: shipped_b1, shipped_b4, shipped_b16, shipped_b64, paper"),
+        (["sizes=[huge]"], "unknown size 'huge'; choose from: shipped_b1, shipped_b4, shipped_b16, shipped_b64, shipped_b64_whole, paper"),
         (["size.paper.steps_timed=30"], r"size.paper.steps_timed=30 must lie in \[1, 25\]"),
         (["+policies.static_quarter.quarter=7"], "policy.quarter=7"),
         (["dtype=float8"], "dtype='float8' is unknown"),
-        (["precision=fp8"], "^precision='fp8' is unknown; choose one of: float32, bf16"),
+        (["precisions=[fp8]"], "^precisions='fp8' is unknown; choose one of: auto, float32, bf16"),
+        (["precisions=[]"], r"^precisions=\[\] selects nothing to time"),
+        (["sizes=[paper]", "+policies.router.policy=mask_fraction_router", "+policies.router.budget=0.2"], "^size paper times a slice, but policy router has a budget"),
         (["samplers=[fast]"], r"samplers=\['fast'\] is invalid; choose one or more of: event, step, reference"),
     ],
 )
 def test_bad_values_fail_by_name(overrides: list[str], message: str, tiny_family: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=message):
         benchmark(tiny_config(tiny_family, tmp_path, *overrides))
+
+
+def test_both_precisions_are_timed_and_budgets_calibrated_before_timing(tiny_family: Path, tmp_path: Path) -> None:
+    cfg = tiny_config(
+        tiny_family, tmp_path, "sizes=[shipped_b4]", "precisions=[bf16,float32,bf16]", "repeats=1", "samplers=[event]",
+        "calibration.num_samples=4", "calibration.tolerance=0.05", "+policies.banded.policy=mask_fraction_router", "+policies.banded.budget=0.2",
+    )
+    size = benchmark(cfg)["sizes"]["shipped_b4"]
+    assert list(size["precisions"]) == ["bf16", "float32"]  # each once, in order
+    bf16, float32 = size["precisions"]["bf16"], size["precisions"]["float32"]
+    assert bf16["matmul_dtype"] == "bfloat16" and float32["matmul_dtype"] == "float32"
+    for timed in (bf16, float32):
+        calibration = timed["calibrations"]["banded"]
+        assert calibration["tries"] >= 1 and abs(calibration["saved_executed"] - 0.2) <= 0.05
+        assert set(timed["calibrations"]) == {"banded"}  # the static policies have nothing to calibrate
+    assert size["speedup_bf16_over_float32"]["static_heavy"]["event"] == pytest.approx(
+        float32["cells"]["static_heavy"]["event"]["wall_s"] / bf16["cells"]["static_heavy"]["event"]["wall_s"]
+    )

@@ -122,12 +122,15 @@ def test_a_bf16_trunk_predicts_almost_what_float32_does_and_leaves_training_auto
         hidden = model.hidden_states(z, t)
         mixed = model.project(hidden).softmax(-1)
         model.compute_dtype = None
-        full = model.project(model.hidden_states(z, t)).softmax(-1)
+        full_hidden = model.hidden_states(z, t)
+        full = model.project(full_hidden).softmax(-1)
         with torch.autocast("cpu", dtype=torch.bfloat16):  # as Lightning's bf16-mixed training runs it
             in_training = model.hidden_states(z, t)
     assert hidden.dtype == torch.float32  # the residual stream and the final norm stay float32
     total_variation = (mixed - full).abs().sum(-1) / 2
     assert 0 < total_variation.max() < 0.02
-    torch.testing.assert_close(in_training, hidden)  # no compute_dtype: an enclosing autocast still applies
-    with pytest.raises(ConfigError, match="sampling.precision='fp16' is unknown; choose one of: float32, bf16"):
+    # no compute_dtype: an enclosing autocast still applies (with torch's kernels, not the CPU sampling ones)
+    assert not torch.equal(in_training, full_hidden)
+    torch.testing.assert_close(in_training, hidden, atol=0.05, rtol=0)
+    with pytest.raises(ConfigError, match="sampling.precision='fp16' is unknown; choose one of: auto, float32, bf16"):
         load_family({"heavy": tiny_family / "heavy"}, precision="fp16")

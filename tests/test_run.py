@@ -19,7 +19,7 @@ from adasched.data.tokenizer import load_tokenizer
 from adasched.jobs.run import run
 from tests.helpers import ROOT, compose_config
 
-RESULT_FIELDS = ("policy", "num_samples", "seq_len", "steps", "gen_ppl", "entropy", "flops", "wall_s", "forwards")
+RESULT_FIELDS = ("policy", "num_samples", "seq_len", "steps", "gen_ppl", "entropy", "flops", "wall_s", "forwards", "precision")
 
 
 def run_config(family: Path, run_dir: Path, *overrides: str, heldout_text: bool = False):
@@ -41,6 +41,7 @@ def test_run_writes_results_samples_and_schedule(tiny_family: Path, tmp_path: Pa
     results = run(run_config(tiny_family, tmp_path, "policy=static_sandwich", "policy.light_fraction=0.5"))
     saved = json.loads((tmp_path / "results.json").read_text())
     assert all(field in saved for field in RESULT_FIELDS)
+    assert saved["precision"] in ("bf16", "float32")  # auto, resolved for this machine
     assert saved["gen_ppl"]["mean"] > 1 and saved["gen_ppl"]["ci95"] > 0
     assert 0.15 < saved["flops"]["saved_nominal"] < 0.35  # half the decisions light, in expectation, each saving 1/2
     assert 0 < saved["flops"]["saved_executed"] < 0.5
@@ -105,7 +106,7 @@ def run_cli(*overrides: str) -> subprocess.CompletedProcess:
         (["policy=static_segments", "policy.spec='L100,H800'"], "covers 900 steps, not num_steps=1000"),
         (["sampling.num_steps=0"], "sampling.num_steps=0 is invalid"),
         (["sampling.num_samples=-3"], "sampling.num_samples=-3 is invalid"),
-        (["sampling.precision=fp8"], "sampling.precision='fp8' is unknown; choose one of: float32, bf16"),
+        (["sampling.precision=fp8"], "sampling.precision='fp8' is invalid; it must be one of: auto, float32, bf16"),
         (["eval.heldout_text=maybe"], "eval.heldout_text='maybe' is invalid; it must be true or false"),
     ],
 )

@@ -13,6 +13,8 @@ from typing import Any
 import wandb
 from omegaconf import DictConfig, OmegaConf
 
+from adasched.compute import AUTO, resolve_device, resolve_precision
+
 Table = tuple[list[str], list[list[Any]]]  # columns, rows
 
 
@@ -33,6 +35,14 @@ def samples_table(seeds: list[int], nll: list[float], texts: list[str]) -> Table
     return ["seed", "nll", "text"], [[s, n, t] for s, n, t in zip(seeds, nll, texts)]
 
 
+def with_resolved_precision(cfg: DictConfig) -> dict[str, Any]:
+    """The whole config, with ``sampling.precision: auto`` replaced by what it chose on this machine."""
+    config = OmegaConf.to_container(cfg, resolve=True)
+    if "sampling" in config and config["sampling"].get("precision") == AUTO:
+        config["sampling"]["precision"] = resolve_precision(AUTO, resolve_device(cfg.get("device", "auto")))
+    return config
+
+
 def log_run(cfg: DictConfig, name: str, results: Mapping[str, Any], tables: Mapping[str, Table], images: Mapping[str, Path]) -> None:
     """One W&B run named ``name`` in the experiment's group: the config, ``results`` as summary, ``tables``
     (name -> (columns, rows)) as W&B Tables and ``images`` (name -> PNG)."""
@@ -40,7 +50,7 @@ def log_run(cfg: DictConfig, name: str, results: Mapping[str, Any], tables: Mapp
         return
     run = wandb.init(
         project=cfg.logger.project, group=cfg.logger.group, name=name, mode=cfg.logger.mode,
-        dir=str(cfg.run_dir), config=OmegaConf.to_container(cfg, resolve=True), reinit="finish_previous",
+        dir=str(cfg.run_dir), config=with_resolved_precision(cfg), reinit="finish_previous",
     )
     run.summary.update(flatten(results))
     logged = {key: wandb.Table(columns=columns, data=rows) for key, (columns, rows) in tables.items()}

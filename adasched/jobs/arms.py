@@ -27,7 +27,7 @@ from adasched.analysis.evaluation import (
 from adasched.analysis.path_kl import path_kl
 from adasched.analysis.plots import plot_path_kl_per_step, plot_schedule
 from adasched.data.tokenizer import load_tokenizer
-from adasched.errors import ConfigError
+from adasched.compute import resolve_device, resolve_precision
 from adasched.io import write_text_atomic
 from adasched.models.dit import MDLMDenoiser
 from adasched.models.family import load_family
@@ -44,12 +44,9 @@ from adasched.sampling.policy import Policy
 from adasched.sampling.spec import SamplingSpec
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device={name!r} but no GPU is visible; use device=cpu or device=auto")
-    return torch.device(name)
+def sampling_precision(cfg: DictConfig) -> str:
+    """``sampling.precision`` with ``auto`` resolved for the run's device: what the samples were computed in."""
+    return resolve_precision(cfg.sampling.precision, resolve_device(cfg.device))
 
 
 def sampling_spec(cfg: DictConfig) -> SamplingSpec:
@@ -60,8 +57,6 @@ def sampling_spec(cfg: DictConfig) -> SamplingSpec:
 
 def evaluation_seeds(cfg: DictConfig) -> torch.Tensor:
     """Sample i of a run has seed ``cfg.seed + i`` under every policy (common random numbers)."""
-    if not isinstance(cfg.sampling.num_samples, int) or cfg.sampling.num_samples <= 0:
-        raise ConfigError(f"sampling.num_samples={cfg.sampling.num_samples!r} is invalid; it must be a positive integer")
     return cfg.seed + torch.arange(cfg.sampling.num_samples)
 
 
@@ -114,7 +109,9 @@ def load_setting(cfg: DictConfig, trainer: L.Trainer | None = None) -> ArmSettin
     spec, seeds = sampling_spec(cfg), evaluation_seeds(cfg)
     device = resolve_device(cfg.device)
     names = list(cfg.family.members)
-    models = [model.to(device) for model in load_family({name: Path(cfg.family.dir) / name for name in names}, cfg.sampling.precision).values()]
+    precision = sampling_precision(cfg)
+    print(f"sampling precision: {precision}" + (f" ({cfg.sampling.precision}: chosen for {device})" if precision != cfg.sampling.precision else ""))
+    models = [model.to(device) for model in load_family({name: Path(cfg.family.dir) / name for name in names}, precision).values()]
     tokenizer = load_tokenizer(cfg.family.tokenizer)
     prompts = prompts_for(cfg, tokenizer, seeds)
     spec.check(models, prompts)

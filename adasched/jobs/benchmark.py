@@ -15,15 +15,22 @@ runs ``num_steps - k0`` steps, stopped after k (``SamplingSpec.stop_step``). A m
 does the work of the step it stands for (the revealed tokens' values and places change neither sampler's
 work). The policy lays its schedule over the k timed steps as if they were its whole run, so
 ``static_sandwich`` still gives a quarter of the timed steps to the light model.
+
+Every size is timed at each of ``precisions``. Against the machine's limit, every cell reports the FLOP/s
+its model forwards achieved (the FLOPs ``CostMeter`` counts over the timed wall) next to a bare matmul of the
+trunk's own shapes (a full batch's rows) in the same dtype, timed in the same process. Policies with a
+``budget`` (the dynamic routers) are calibrated first, on seeds apart from the timed ones, and only on sizes
+that time whole trajectories: a budget is a saving over a whole run.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import platform
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -32,13 +39,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from adasched.compute import compute_dtype, resolve_device, resolve_precision
 from adasched.errors import ConfigError
 from adasched.io import write_json_atomic
-from adasched.jobs.arms import resolve_device
 from adasched.jobs.run import BASELINE_POLICY
 from adasched.models.dit import DenoiserConfig, MDLMDenoiser
 from adasched.models.export import DTYPES
-from adasched.models.family import compute_dtype, load_family
+from adasched.models.family import load_family
+from adasched.sampling.calibration import Calibratable, calibrate
 from adasched.sampling.costs import CostMeter
 from adasched.sampling.generation import Sampler
 from adasched.sampling.policy import DenoiseState, Policy, StepOutput
@@ -140,6 +148,14 @@ def check_size(name: str, spec: DictConfig) -> None:
         raise ConfigError(f"size.{name}.slice_start={spec.slice_start} leaves no masked position at seq_len={spec.seq_len}")
 
 
+def check_budgets_whole(name: str, spec: DictConfig, policies: list[TimedPolicy]) -> None:
+    """A budget is a saving over a whole run: a size that times a slice cannot calibrate one."""
+    whole = spec.slice_start == 0 and spec.steps_timed in (None, spec.num_steps)
+    budgeted = [policy.label for policy in policies if getattr(policy.make(), "budget", None) is not None]
+    if budgeted and not whole:
+        raise ConfigError(f"size {name} times a slice, but policy {budgeted[0]} has a budget: time budgets on whole trajectories")
+
+
 def load_size(name: str, spec: DictConfig, device: torch.device, dtype: torch.dtype, seed: int) -> Size:
     """Models on ``device`` in ``dtype``; ``spec`` already passed ``check_size``."""
     names, models = build_models(spec, spec.seq_len, seed)
@@ -187,15 +203,59 @@ def depths(size: Size) -> list[int]:
     return [model.config.n_blocks for model in size.models]
 
 
-def run_cell(
-    size: Size, sampler: str, policy: str, kwargs: dict[str, Any], samples: tuple[torch.Tensor, torch.Tensor | None], steps: int, bar: tqdm
-) -> tuple[float, CostMeter]:
+@dataclasses.dataclass
+class TimedPolicy:
+    """A policy as the benchmark times it: its label in the tables, its name and settings, and the knob its
+    budget calibrated to (None: none to calibrate)."""
+
+    label: str
+    name: str
+    kwargs: dict[str, Any]
+    knob: float | None = None
+
+    def make(self) -> Policy:
+        policy = make_policy(self.name, **self.kwargs)
+        if self.knob is not None:
+            policy.set_knob(self.knob)
+        return policy
+
+
+def timed_policies(config: dict[str, dict[str, Any]]) -> list[TimedPolicy]:
+    """``label: {policy: name, **kwargs}`` entries (``policy`` defaults to the label), static_heavy first; each
+    built once here, so a bad setting fails before any model loads."""
+    entries = {BASELINE_POLICY: {}} | config
+    policies = []
+    for label, settings in entries.items():
+        kwargs = dict(settings)
+        policy = TimedPolicy(label, kwargs.pop("policy", label), kwargs)
+        policy.make()
+        policies.append(policy)
+    return policies
+
+
+def run_cell(size: Size, sampler: str, policy: TimedPolicy, samples: tuple[torch.Tensor, torch.Tensor | None], steps: int, bar: tqdm) -> tuple[float, CostMeter]:
     """Seconds to run ``steps`` steps of ``samples`` with one sampler and policy, and the run's costs."""
     meter = CostMeter(size.names, depths(size))
-    return sample_cell(SAMPLERS[sampler], size, make_policy(policy, **kwargs), samples, steps, meter, bar), meter
+    return sample_cell(SAMPLERS[sampler], size, policy.make(), samples, steps, meter, bar), meter
 
 
-def time_cells(size: Size, policies: dict[str, dict[str, Any]], samplers: list[str], repeats: int, seed: int) -> dict[str, dict[str, dict[str, Any]]]:
+def calibrate_policies(size: Size, policies: list[TimedPolicy], calibration: DictConfig) -> dict[str, dict[str, Any]]:
+    """Fit the knob of every policy with a budget on the calibration seeds, at the size's shape and precision."""
+    found: dict[str, dict[str, Any]] = {}
+    for policy in policies:
+        instance = policy.make()
+        if policy.knob is not None or not isinstance(instance, Calibratable) or instance.budget is None:
+            continue
+        print(f"calibrating {policy.label} to save {instance.budget:.1%} of executed FLOPs on {calibration.num_samples} calibration samples")
+        seeds = calibration.seed + torch.arange(calibration.num_samples, device=next(size.models[0].parameters()).device)
+        spec = SamplingSpec(size.num_steps, size.seq_len, size.batch_size)
+        result = calibrate(instance, size.models, seeds, spec, calibration.tolerance)
+        policy.knob = result.knob
+        found[policy.label] = {"knob": result.knob, "saved_executed": result.saved_executed, "tries": len(result.history)}
+    return found
+
+
+def time_cells(size: Size, policies: list[TimedPolicy], samplers: list[str], repeats: int, seed: int) -> dict[str, dict[str, dict[str, Any]]]:
     """Wall-clock of every (policy, sampler) cell, ``repeats`` times, interleaved so drift hits all cells alike.
 
     Every cell first runs ``warmup_steps`` steps of one batch untimed.
@@ -204,21 +264,21 @@ def time_cells(size: Size, policies: dict[str, dict[str, Any]], samplers: list[s
     first_batch = (samples[0][: size.batch_size], None if samples[1] is None else samples[1][: size.batch_size])
     cells = [(policy, sampler) for policy in policies for sampler in samplers]
     warmup = min(size.warmup_steps, size.steps_timed)
-    walls: dict[tuple[str, str], list[float]] = {cell: [] for cell in cells}
+    walls: dict[tuple[str, str], list[float]] = {(policy.label, sampler): [] for policy, sampler in cells}
     meters: dict[tuple[str, str], CostMeter] = {}  # FLOPs are the same every repeat: keep the last
     with tqdm(desc=f"benchmark [{size.name}]", unit="step") as bar:
         if warmup > 0:
             for policy, sampler in cells:
-                bar.set_postfix_str(f"warm-up {policy} {sampler}")
-                run_cell(size, sampler, policy, policies[policy], first_batch, warmup, bar)
+                bar.set_postfix_str(f"warm-up {policy.label} {sampler}")
+                run_cell(size, sampler, policy, first_batch, warmup, bar)
         for repeat in range(repeats):
             for policy, sampler in cells:
-                bar.set_postfix_str(f"repeat {repeat + 1}/{repeats} {policy} {sampler}")
-                wall, meters[policy, sampler] = run_cell(size, sampler, policy, policies[policy], samples, size.steps_timed, bar)
-                walls[policy, sampler].append(wall)
-    results: dict[str, dict[str, dict[str, Any]]] = {policy: {} for policy in policies}
-    for (policy, sampler), times in walls.items():
-        results[policy][sampler] = cell_summary(size, times, meters[policy, sampler])
+                bar.set_postfix_str(f"repeat {repeat + 1}/{repeats} {policy.label} {sampler}")
+                wall, meters[policy.label, sampler] = run_cell(size, sampler, policy, samples, size.steps_timed, bar)
+                walls[policy.label, sampler].append(wall)
+    results: dict[str, dict[str, dict[str, Any]]] = {policy.label: {} for policy in policies}
+    for (label, sampler), times in walls.items():
+        results[label][sampler] = cell_summary(size, times, meters[label, sampler])
     return results
 
 
@@ -233,10 +293,35 @@ def cell_summary(size: Size, walls: list[float], meter: CostMeter) -> dict[str, 
         "s_per_step": per_step,  # one step of one batch of batch_size rows
         **rate,
         "flops_executed": sum(meter.flops),
+        "gflops_per_s": sum(meter.flops) / wall / 1e9,  # what the model forwards achieved over the timed wall
         "flops_saved_executed": meter.saved_executed(),
         "flops_saved_nominal": meter.saved_nominal(),
         "batched_forwards": dict(zip(size.names, meter.batched_forwards)),
     }
+
+
+def bare_matmul_gflops(model: MDLMDenoiser, rows: int, dtype: torch.dtype, repeats: int = 5) -> float:
+    """GFLOP/s of the trunk's four matmuls (QKV, attention output, MLP in and out) on ``rows`` token rows in
+    ``dtype``, alone: the most a forward of this shape could reach on this machine (best of ``repeats``)."""
+    d, r = model.config.d_model, model.config.mlp_ratio
+    device = next(model.parameters()).device
+    shapes = [(d, 3 * d), (d, d), (d, r * d), (r * d, d)]
+    operands = [(torch.randn(rows, k, device=device, dtype=dtype), torch.randn(n, k, device=device, dtype=dtype)) for k, n in shapes]
+    flops = sum(2 * rows * k * n for k, n in shapes)
+
+    def once() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        for x, w in operands:
+            x @ w.T
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
+    with torch.inference_mode():
+        once()
+        return flops / min(once() for _ in range(repeats)) / 1e9
 
 
 def ratio(numerator: float, denominator: float) -> float | None:
@@ -276,22 +361,57 @@ def speedups(cells: dict[str, dict[str, dict[str, Any]]], faster: str, slower: s
     return {policy: ratio(c[slower]["wall_s"], c[faster]["wall_s"]) if faster in c and slower in c else None for policy, c in cells.items()}
 
 
-def benchmark_size(size: Size, policies: dict[str, dict[str, Any]], samplers: list[str], repeats: int, seed: int) -> dict[str, Any]:
-    """A size's setup (what was timed, so numbers from different runs can be compared), timings and savings."""
-    cells = time_cells(size, policies, samplers, repeats, seed)
-    config = size.models[0].config
+def set_precision(size: Size, precision: str) -> torch.dtype:
+    """Make the size's models compute in ``precision``; returns the dtype its matmuls run in."""
+    trunk = compute_dtype(precision, key="precisions")
+    for model in size.models:
+        model.compute_dtype = trunk
+    return trunk or next(size.models[0].parameters()).dtype
+
+
+def benchmark_precision(size: Size, precision: str, policies: list[TimedPolicy], cfg: DictConfig) -> dict[str, Any]:
+    """One size at one precision: calibrations, timings, savings, and the forwards against a bare matmul."""
+    matmul_dtype = set_precision(size, precision)
+    for policy in policies:
+        policy.knob = None  # a knob calibrated at another precision may miss the budget at this one
+    calibrations = calibrate_policies(size, policies, cfg.calibration)
+    cells = time_cells(size, policies, list(cfg.samplers), cfg.repeats, cfg.seed)
+    bare = bare_matmul_gflops(size.models[0], size.batch_size * size.seq_len, matmul_dtype)
+    for by_sampler in cells.values():
+        for cell in by_sampler.values():
+            cell["of_bare_matmul"] = cell["gflops_per_s"] / bare
     return {
+        "matmul_dtype": str(matmul_dtype).removeprefix("torch."),
+        "bare_matmul_gflops_per_s": bare,
+        "calibrations": calibrations,
+        "cells": cells,
+        "speedup_event_over_reference": speedups(cells, "event", "reference"),
+        "speedup_event_over_step": speedups(cells, "event", "step"),
+        "savings_vs_" + BASELINE_POLICY: savings(cells),
+    }
+
+
+def benchmark_size(load: Callable[[], Size], precisions: list[str], policies: list[TimedPolicy], cfg: DictConfig) -> dict[str, Any]:
+    """A size's setup (what was timed, so numbers from different runs can be compared) and each precision's
+    timings, each on freshly loaded models (bf16 storage rounds the weights for good)."""
+    by_precision = {precision: benchmark_precision(load(), precision, policies, cfg) for precision in precisions}
+    size = load()
+    config = size.models[0].config
+    result: dict[str, Any] = {
         "setup": {
             "members": size.names, "depths": depths(size), "d_model": config.d_model, "n_heads": config.n_heads,
             "vocab": config.vocab_size, "seq_len": size.seq_len, "num_steps": size.num_steps, "batch_size": size.batch_size,
             "num_samples": size.num_samples, "slice_start": size.slice_start, "steps_timed": size.steps_timed,
             "warmup_steps": min(size.warmup_steps, size.steps_timed), "timed": describe_timing(size),
         },
-        "cells": cells,
-        "speedup_event_over_reference": speedups(cells, "event", "reference"),
-        "speedup_event_over_step": speedups(cells, "event", "step"),
-        "savings_vs_" + BASELINE_POLICY: savings(cells),
+        "precisions": by_precision,
     }
+    if {"bf16", "float32"} <= by_precision.keys():
+        bf16, float32 = by_precision["bf16"]["cells"], by_precision["float32"]["cells"]
+        result["speedup_bf16_over_float32"] = {
+            policy: {sampler: ratio(float32[policy][sampler]["wall_s"], cell["wall_s"]) for sampler, cell in by_sampler.items()} for policy, by_sampler in bf16.items()
+        }
+    return result
 
 
 def device_name(device: torch.device) -> str:
@@ -312,6 +432,19 @@ def selected_sizes(cfg: DictConfig) -> list[str]:
     return list(cfg.sizes)
 
 
+def resolved_precisions(names: list[str], device: torch.device) -> list[str]:
+    """Each of ``precisions`` with ``auto`` resolved for ``device``, once each, in order."""
+    if not names:
+        raise ConfigError("precisions=[] selects nothing to time; choose one or more of: auto, float32, bf16")
+    return list(dict.fromkeys(resolve_precision(name, device, key="precisions") for name in names))
+
+
+def size_policies(cfg: DictConfig, name: str) -> list[TimedPolicy]:
+    """The size's own ``policies`` where it names them, else the shared ones."""
+    chosen = cfg.size[name].get("policies") or cfg.policies
+    return timed_policies(OmegaConf.to_container(chosen, resolve=True))
+
+
 def benchmark(cfg: DictConfig) -> dict[str, Any]:
     """Time every selected size and write ``run_dir/benchmark.json``."""
     names = selected_sizes(cfg)  # first: bad values fail before any model loads
@@ -320,16 +453,15 @@ def benchmark(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError(f"samplers={list(cfg.samplers)} is invalid; choose one or more of: {', '.join(SAMPLERS)}")
     if cfg.repeats <= 0:
         raise ConfigError(f"repeats={cfg.repeats} is invalid; it must be a positive integer")
-    policies = {BASELINE_POLICY: {}} | OmegaConf.to_container(cfg.policies, resolve=True)
-    for policy, kwargs in policies.items():
-        make_policy(policy, **kwargs)
+    policies = {name: size_policies(cfg, name) for name in names}
     for name in names:
         check_size(name, cfg.size[name])
+        check_budgets_whole(name, cfg.size[name], policies[name])
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    compute_dtype(cfg.precision, key="precision")
+    precisions = resolved_precisions(list(cfg.precisions), device)
     with torch_threads(cfg.threads):
-        results = benchmark_sizes(cfg, names, policies, device, dtype)
+        results = benchmark_sizes(cfg, names, policies, precisions, device, dtype)
     print(format_table(results))
     return results
 
@@ -347,49 +479,56 @@ def torch_threads(count: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def benchmark_sizes(cfg: DictConfig, names: list[str], policies: dict[str, dict[str, Any]], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+def benchmark_sizes(
+    cfg: DictConfig, names: list[str], policies: dict[str, list[TimedPolicy]], precisions: list[str], device: torch.device, dtype: torch.dtype
+) -> dict[str, Any]:
     """Time the sizes one after another, rewriting the JSON after each, so a late failure keeps the rest."""
     results: dict[str, Any] = {
         "metadata": {
             "device": str(device), "device_name": device_name(device), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "dtype": str(dtype).removeprefix("torch."), "precision": cfg.precision,
-            "repeats": cfg.repeats,
-            "statistic": "median over repeats", "seed": cfg.seed, "baseline": BASELINE_POLICY, "policies": policies,
+            "threads": torch.get_num_threads(), "dtype": str(dtype).removeprefix("torch."), "precisions": precisions,
+            "repeats": cfg.repeats, "statistic": "median over repeats", "seed": cfg.seed, "baseline": BASELINE_POLICY,
+            "policies": {name: {p.label: {"policy": p.name, **p.kwargs} for p in chosen} for name, chosen in policies.items()},
         },
         "sizes": {},
     }
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    trunk_dtype = compute_dtype(cfg.precision, key="precision")
     for name in names:
-        size = load_size(name, cfg.size[name], device, dtype, cfg.seed)
-        for model in size.models:
-            model.compute_dtype = trunk_dtype
-        results["sizes"][name] = benchmark_size(size, policies, list(cfg.samplers), cfg.repeats, cfg.seed)
+        load = functools.partial(load_size, name, cfg.size[name], device, dtype, cfg.seed)
+        results["sizes"][name] = benchmark_size(load, precisions, policies[name], cfg)
         write_json_atomic(run_dir / "benchmark.json", results)
     return results
 
 
 def format_table(results: dict[str, Any]) -> str:
-    """One row per size, policy and sampler; '~' marks a slice's samples/s, extrapolated from its steps."""
+    """One row per size, precision, policy and sampler; '~' marks a slice's samples/s, extrapolated from its steps.
+
+    GFLOP/s is what the model forwards achieved; '/bare' divides it by a bare matmul of the trunk's shapes.
+    """
     meta = results["metadata"]
     lines = [
-        f"device {meta['device_name']} ({meta['device']}, {meta['dtype']} weights, {meta['precision']} trunk, {meta['threads']} threads), torch {meta['torch']}, median of {meta['repeats']}",
-        f"{'size':10} {'policy':16} {'sampler':9} {'s/step':>9} {'samples/s':>10} {'/ref':>7} {'/step':>7} {'wall saved':>10} {'FLOPs saved':>11} {'real/pred':>9}",
+        f"device {meta['device_name']} ({meta['device']}, {meta['dtype']} weights, {meta['threads']} threads), torch {meta['torch']}, median of {meta['repeats']}",
+        f"{'size':10} {'precision':9} {'policy':18} {'sampler':9} {'s/step':>9} {'samples/s':>10} {'GFLOP/s':>8} {'/bare':>6} {'/ref':>7} {'/step':>7} "
+        f"{'bf16/f32':>8} {'wall saved':>10} {'FLOPs saved':>11} {'real/pred':>9}",
     ]
     for name, size in results["sizes"].items():
-        saved = size["savings_vs_" + meta["baseline"]]
-        for policy, by_sampler in size["cells"].items():
-            for sampler, cell in by_sampler.items():
-                rate = f"{cell['samples_per_s']:.3g}" if "samples_per_s" in cell else f"~{cell['samples_per_s_extrapolated']:.3g}"
-                over_reference = size["speedup_event_over_reference"][policy] if sampler == "event" else None
-                over_step = size["speedup_event_over_step"][policy] if sampler == "event" else None
-                row = saved.get(policy, {}).get(sampler, {})  # the baseline has no saving
-                lines.append(
-                    f"{name:10} {policy:16} {sampler:9} {cell['s_per_step']:9.4f} {rate:>10} {fmt(over_reference, '.2f', 'x'):>7} "
-                    f"{fmt(over_step, '.2f', 'x'):>7} {fmt(row.get('wall_saved'), '.1%'):>10} "
-                    f"{fmt(row.get('flops_saved_executed'), '.1%'):>11} {fmt(row.get('realized_over_predicted'), '.2f'):>9}"
-                )
+        for precision, timed in size["precisions"].items():
+            saved = timed["savings_vs_" + meta["baseline"]]
+            lines.append(f"{name:10} {precision:9} bare {timed['matmul_dtype']} matmul of the trunk's shapes: {timed['bare_matmul_gflops_per_s']:.1f} GFLOP/s")
+            for policy, by_sampler in timed["cells"].items():
+                for sampler, cell in by_sampler.items():
+                    rate = f"{cell['samples_per_s']:.3g}" if "samples_per_s" in cell else f"~{cell['samples_per_s_extrapolated']:.3g}"
+                    over_reference = timed["speedup_event_over_reference"][policy] if sampler == "event" else None
+                    over_step = timed["speedup_event_over_step"][policy] if sampler == "event" else None
+                    bf16_speedup = size.get("speedup_bf16_over_float32", {}).get(policy, {}).get(sampler) if precision == "bf16" else None
+                    row = saved.get(policy, {}).get(sampler, {})  # the baseline has no saving
+                    lines.append(
+                        f"{name:10} {precision:9} {policy:18} {sampler:9} {cell['s_per_step']:9.4f} {rate:>10} {cell['gflops_per_s']:8.1f} "
+                        f"{cell['of_bare_matmul']:6.0%} {fmt(over_reference, '.2f', 'x'):>7} {fmt(over_step, '.2f', 'x'):>7} "
+                        f"{fmt(bf16_speedup, '.2f', 'x'):>8} {fmt(row.get('wall_saved'), '.1%'):>10} "
+                        f"{fmt(row.get('flops_saved_executed'), '.1%'):>11} {fmt(row.get('realized_over_predicted'), '.2f'):>9}"
+                    )
     return "\n".join(lines)
 
 

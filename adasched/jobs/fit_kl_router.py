@@ -19,8 +19,8 @@ from tqdm.auto import tqdm
 
 from adasched.analysis.step_statistics import StepRecords, rollout_records
 from adasched.errors import ConfigError
-from adasched.jobs.arms import resolve_device
-from adasched.models.family import compute_dtype, load_family
+from adasched.compute import resolve_device, resolve_precision
+from adasched.models.family import load_family
 from adasched.sampling.spec import SamplingSpec
 from policies import kl_router, make_policy
 
@@ -42,10 +42,11 @@ def fit_kl_router(cfg: DictConfig) -> dict[str, Any]:
             f"need record_every > 0 and validation_fraction={cfg.validation_fraction} to hold out between 1 and "
             f"num_trajectories - 1 of num_trajectories={cfg.num_trajectories} trajectories"
         )
-    compute_dtype(cfg.precision, key="precision")
     device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device, key="precision")
+    print(f"sampling precision: {precision}")
     family_dir = Path(cfg.family.dir)
-    models = [m.to(device) for m in load_family({name: family_dir / name for name in cfg.family.members}, cfg.precision).values()]
+    models = [m.to(device) for m in load_family({name: family_dir / name for name in cfg.family.members}, precision).values()]
     seeds = cfg.seed + torch.arange(cfg.num_trajectories)
     start = time.perf_counter()
     records = collect(cfg, models, seeds)
@@ -60,7 +61,7 @@ def fit_kl_router(cfg: DictConfig) -> dict[str, Any]:
         "family": {"name": cfg.family.name, "members": list(cfg.family.members), "heavy": cfg.heavy, "light": cfg.light},
         "behaviour": "static_heavy", "seed": cfg.seed, "num_trajectories": cfg.num_trajectories, "validation_trajectories": held_out,
         "num_steps": cfg.num_steps, "seq_len": cfg.seq_len, "record_every": cfg.record_every, "device": str(device),
-        "precision": cfg.precision,
+        "precision": precision,
         "kl_mean": float(records.kl.mean()), "kl_quantiles": {str(q): float(records.kl.quantile(q)) for q in (0.1, 0.5, 0.9)},
         "rollout_wall_s": rollout_s, "fit_wall_s": time.perf_counter() - start,
     }

@@ -15,9 +15,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from adasched.analysis.run_logging import log_run, samples_table
-from adasched.errors import ConfigError
 from adasched.io import write_json_atomic
-from adasched.jobs.arms import evaluate_arm, heldout_text_record, load_setting, sampling_spec
+from adasched.jobs.arms import evaluate_arm, heldout_text_record, load_setting, sampling_precision, sampling_spec
 from adasched.parallel import predict_trainer
 from policies import make_policy
 
@@ -34,8 +33,6 @@ def parallel_trainer(cfg: DictConfig) -> L.Trainer | None:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     policy = instantiate(cfg.policy)  # first: a bad policy value fails before any model loads
-    if not isinstance(cfg.eval.heldout_text, bool):
-        raise ConfigError(f"eval.heldout_text={cfg.eval.heldout_text!r} is invalid; it must be true or false")
     spec = sampling_spec(cfg)
     policy.reset(spec.num_steps, len(cfg.family.members))  # a schedule that does not fit the steps fails here too
     setting = load_setting(cfg, parallel_trainer(cfg))
@@ -61,6 +58,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "steps": cfg.sampling.num_steps,
         "prefix_len": cfg.sampling.prefix_len,
         "top_p": cfg.sampling.top_p,
+        "precision": sampling_precision(cfg),
         "seed": cfg.seed,
         "device": str(next(setting.models[0].parameters()).device),
         "processes": 1 if setting.trainer is None else setting.trainer.world_size,
@@ -85,7 +83,7 @@ def print_summary(results: dict[str, Any]) -> None:
     ppl, flops = results["gen_ppl"], results["flops"]
     lines = [
         f"policy              {results['policy']}",
-        f"samples             {results['num_samples']} x {results['seq_len']} tokens, {results['steps']} steps",
+        f"samples             {results['num_samples']} x {results['seq_len']} tokens, {results['steps']} steps, {results['precision']}",
         f"gen PPL             {ppl['mean']:.2f} +- {ppl['ci95']:.2f} (95% CI)",
         *(
             [f"path KL to heavy    {results['path_kl']['per_sequence']['mean']:.3f} +- {results['path_kl']['per_sequence']['ci95']:.3f} nats/sequence "

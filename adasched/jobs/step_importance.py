@@ -35,7 +35,7 @@ from adasched.analysis.step_importance import (
 from adasched.data.tokenizer import load_tokenizer
 from adasched.errors import ConfigError
 from adasched.io import write_json_atomic, write_text_atomic
-from adasched.jobs.arms import resolve_device
+from adasched.compute import resolve_device
 from adasched.models.dit import MDLMDenoiser
 from adasched.models.family import load_family
 

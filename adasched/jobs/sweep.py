@@ -32,7 +32,7 @@ from adasched.analysis.segment_search import (
 )
 from adasched.errors import ConfigError
 from adasched.io import write_json_atomic, write_text_atomic
-from adasched.jobs.arms import evaluate_arm, load_setting, sampling_spec
+from adasched.jobs.arms import evaluate_arm, load_setting, sampling_precision, sampling_spec
 from adasched.sampling.policy import Policy, check_budget
 
 
@@ -88,7 +88,8 @@ def sweep_settings(cfg: DictConfig) -> dict[str, Any]:
     return {
         "experiment": {key: OmegaConf.to_container(cfg.experiment, resolve=True)[key] for key in ("name", "reference", "segment_search")},
         "family": {"dir": str(cfg.family.dir), "members": list(cfg.family.members)},
-        "sampling": OmegaConf.to_container(cfg.sampling, resolve=True) | {"batch_size": None},  # batch size never changes samples
+        # batch size never changes samples; precision does, so a sweep compares the resolved one (auto -> bf16 or float32)
+        "sampling": OmegaConf.to_container(cfg.sampling, resolve=True) | {"batch_size": None, "precision": sampling_precision(cfg)},
         "seed": cfg.seed,
         "evaluator": cfg.eval.ppl_model,
         "calibration": OmegaConf.to_container(cfg.calibration, resolve=True),

@@ -32,6 +32,7 @@ from adasched.errors import ConfigError
 from adasched.io import write_json_atomic
 from adasched.models.dit import MDLMDenoiser
 from adasched.models.export import METADATA_FILE, export_model
+from adasched.options import LOGGER_MODES
 from adasched.training.learning_curve import (
     CURVE_FILE,
     CURVE_PLOT,
@@ -43,8 +44,6 @@ from adasched.training.module import (
     evaluate,
     exponential_moving_average,
 )
-
-LOGGER_MODES = ("disabled", "offline", "online")
 
 
 def validate(cfg: DictConfig) -> None:

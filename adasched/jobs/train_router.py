@@ -34,9 +34,8 @@ from adasched.analysis.plots import plot_router_curve
 from adasched.data.tokenizer import load_tokenizer
 from adasched.errors import ConfigError
 from adasched.io import atomic_path, write_json_atomic, write_text_atomic
-from adasched.jobs.arms import resolve_device
-from adasched.jobs.train import LOGGER_MODES
-from adasched.models.family import compute_dtype, load_family
+from adasched.compute import resolve_device, resolve_precision
+from adasched.models.family import load_family
 from adasched.rl.env import (
     EpisodeConfig,
     LagrangeMultiplier,
@@ -44,27 +43,10 @@ from adasched.rl.env import (
     evaluator_scorer,
 )
 from adasched.sampling.features import feature_names
-from adasched.sampling.policy import check_budget
 from adasched.sampling.spec import SamplingSpec
 from policies import learned
 
 CHECKPOINT_PREFIX = "router"
-
-
-def validate(cfg: DictConfig) -> None:
-    """Fail early, on one line, before any model loads."""
-    check_budget(cfg.budget)
-    compute_dtype(cfg.sampling.precision)
-    if cfg.logger.mode not in LOGGER_MODES:
-        raise ConfigError(f"logger.mode={cfg.logger.mode!r} is invalid; choose one of {', '.join(LOGGER_MODES)}")
-    for key in ("torch_threads", "ppo.total_timesteps", "env.num_envs", "checkpoint_every_n_timesteps", "sampling.num_steps"):
-        value = OmegaConf.select(cfg, key)
-        if not isinstance(value, int) or value <= 0:
-            raise ConfigError(f"{key}={value!r} is invalid; it must be a positive integer")
-    for key in ("env.lambda_init", "env.lambda_lr", "env.lambda_lr_decay", "env.lambda_kp", "env.budget_penalty", "ppo.learning_rate_end"):
-        value = OmegaConf.select(cfg, key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-            raise ConfigError(f"{key}={value!r} is invalid; it must be a number >= 0")
 
 
 def training_state(multiplier: LagrangeMultiplier, rewards: VecNormalize) -> dict[str, Any]:
@@ -250,11 +232,12 @@ def export_router(model: PPO, export_dir: Path, info: dict[str, Any], curve: Pat
 
 def train_router(cfg: DictConfig) -> dict[str, Any]:
     """Train PPO against the budget's Lagrangian; returns the JSON written next to the exported router."""
-    validate(cfg)
     torch.set_num_threads(cfg.torch_threads)
     device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.sampling.precision, device)
+    print(f"sampling precision: {precision}")
     family_dir, members = Path(cfg.family.dir), list(cfg.family.members)
-    models = [m.to(device) for m in load_family({name: family_dir / name for name in members}, cfg.sampling.precision).values()]
+    models = [m.to(device) for m in load_family({name: family_dir / name for name in members}, precision).values()]
     score = None
     if cfg.env.quality_weight:  # the evaluator term is optional: path KL is the quality reward
         evaluator, evaluator_tokenizer = load_evaluator(cfg.eval.ppl_model, device, cfg.eval.tokenizer_path)
@@ -301,7 +284,7 @@ def train_router(cfg: DictConfig) -> dict[str, Any]:
         "training_curve": CURVE_FILE,
         "convergence": convergence(curve.rows),
         "train_wall_seconds": curve.rows[-1]["wall_s"] if curve.rows else None,
-        "precision": cfg.sampling.precision,
+        "precision": precision,
         "num_steps": cfg.sampling.num_steps,
         "seq_len": cfg.sampling.seq_len,
         "timesteps": model.num_timesteps,

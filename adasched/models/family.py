@@ -5,17 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file
 
 from adasched.errors import ConfigError, DataUnavailableError, first_line
 from adasched.models.dit import DenoiserConfig, MDLMDenoiser
 from adasched.models.mdlm_checkpoint import load_mdlm_hub, load_mdlm_lightning
+from adasched.compute import compute_dtype
 
 SHARED_FIELDS = ("vocab_size", "mask_token_id", "seq_len")
-# How members compute when sampling: float32, or the Transformer blocks' products in bfloat16 (autocast): the usual
-# choice on GPUs, and native on CPUs with AVX-512 BF16.
-PRECISIONS: dict[str, torch.dtype | None] = {"float32": None, "bf16": torch.bfloat16}
 HUB_PREFIX, LIGHTNING_PREFIX = "hf:", "mdlm:"  # member names that load an MDLM checkpoint, not family.dir/name
 
 
@@ -61,17 +58,10 @@ def check_family(members: dict[str, MDLMDenoiser]) -> None:
                 )
 
 
-def compute_dtype(precision: str, key: str = "sampling.precision") -> torch.dtype | None:
-    """The ``compute_dtype`` of a precision's name; a one-line error naming the config ``key`` for an unknown one."""
-    if precision not in PRECISIONS:
-        raise ConfigError(f"{key}={precision!r} is unknown; choose one of: {', '.join(PRECISIONS)}")
-    return PRECISIONS[precision]
-
-
 def load_family(paths: dict[str, str | Path], precision: str = "float32") -> dict[str, MDLMDenoiser]:
     """Load every member (name -> folder, or an ``hf:``/``mdlm:`` name -> anything) and check they form a family.
 
-    ``precision`` (a key of ``PRECISIONS``) sets how every member computes.
+    ``precision`` (a key of ``PRECISIONS``, ``auto`` already resolved) sets how every member computes.
     """
     dtype = compute_dtype(precision)
     members = {}
