@@ -41,7 +41,7 @@ FAMILY_THREADS ?= null
 FAMILY_ARGS ?=
 TRAIN := $(PY) experiments/train.py trainer.max_steps=$(FAMILY_STEPS) threads=$(FAMILY_THREADS) $(FAMILY_ARGS)
 SHIPPED := checkpoints/shakespeare
-MEMBERS := heavy light ar_evaluator light_b3 heavy_seed1 light_b4 light_b5
+MEMBERS := heavy light ar_evaluator light_b3 heavy_seed1 light_b4 light_b5 heavy_seed2
 .PHONY: $(addprefix family-,$(MEMBERS))
 
 family: $(addprefix family-,$(MEMBERS))
@@ -49,8 +49,8 @@ family: $(addprefix family-,$(MEMBERS))
 family-heavy family-light family-ar_evaluator family-light_b3 family-light_b4 family-light_b5: family-%: install
 	$(TRAIN) model=$* seed=0 export_dir=$(SHIPPED)/$*
 
-family-heavy_seed1: install
-	$(TRAIN) model=heavy seed=1 run_name=heavy_seed1 export_dir=$(SHIPPED)/heavy_seed1
+family-heavy_seed1 family-heavy_seed2: family-heavy_seed%: install
+	$(TRAIN) model=heavy seed=$* run_name=heavy_seed$* export_dir=$(SHIPPED)/heavy_seed$*
 
 # Every experiment of docs/results.md, one after another (each resumes where it stopped when rerun).
 # PAPER_ARGS go to every sweep, e.g. PAPER_ARGS=sampling.precision=bf16 (step_importance takes no sampling.*).
@@ -63,7 +63,7 @@ paper: install
 	for experiment in $(EXPERIMENTS); do $(SWEEP) experiment=$$experiment || exit 1; done
 	for depth in 3 4 5; do $(SWEEP) experiment=placement experiment.name=placement_b$$depth "family.members=[heavy,light_b$$depth]" || exit 1; done
 
-# Validation NELBO of the shipped members (the README's family table).
+# Validation NELBO of the shipped members (docs/training.md's family table).
 family-scores: install
 	$(PY) experiments/evaluate.py
 

@@ -1,7 +1,8 @@
 """Compare runs:  python experiments/compare.py runs/multirun/shakespeare/<date>  [more run folders ...]
 
-Prints a table (gen PPL, paired difference vs all-heavy, diversity, FLOPs saved, wall clock) and writes
-comparison.csv and comparison.png (gen PPL vs executed FLOPs saved) into --out (default: the first folder).
+Prints a table (gen PPL, paired difference vs all-heavy, path KL with its seed floor and the excess over it,
+diversity, FLOPs saved, wall clock) and writes comparison.csv and comparison.png (gen PPL, path KL and its
+excess against executed FLOPs saved) into --out (default: the first folder).
 """
 
 import argparse

@@ -61,9 +61,11 @@ def test_offline_dashboard_shows_every_arm_and_its_figures(placement, tmp_path: 
         assert f"{row['gen_ppl']} ± {row['ci95']}" in cells and row["verdict"] in cells
         assert str(row["saved_nominal_%"]) in cells and str(row["saved_executed_%"]) in cells
         assert f"{row['path_kl']} ± {row['path_kl_ci95']}" in cells
+        assert f"{row['path_kl_floor']} ± {row['path_kl_floor_ci95']}" in cells and f"{row['path_kl_excess']} ± {row['path_kl_excess_ci95']}" in cells
         if row["verdict"] != "reference":
             assert f"{row['diff_vs_reference']} ± {row['diff_ci95']}" in cells and str(row["speedup_vs_reference"]) in cells
             assert f"{row['path_kl_diff']} ± {row['path_kl_diff_ci95']}" in cells and row["path_kl_verdict"] in cells
+            assert f"{row['path_kl_excess_diff']} ± {row['path_kl_excess_diff_ci95']}" in cells and row["path_kl_excess_verdict"] in cells
     figures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
     assert {"quality_vs_compute.png", "quality_by_arm.png", "path_kl_per_step.png"} <= set(figures)
     assert all((tmp_path / figure).stat().st_size > 1000 for figure in figures)

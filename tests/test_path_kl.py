@@ -1,14 +1,16 @@
-"""Path KL: zero for all-heavy, the Monte-Carlo mean matches the exact trajectory KL, per-sample values check out."""
+"""Path KL: zero for all-heavy, the Monte-Carlo mean matches the exact trajectory KL, per-sample values check out;
+its seed floor is measured at exactly the steps the policy gave away, and equals path KL where the seed ran them."""
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 
 import pytest
 import torch
 
-from adasched.analysis.path_kl import categorical_kl, path_kl
+from adasched.analysis.path_kl import categorical_kl, forward_flops, path_kl
 from adasched.sampling.spec import SamplingSpec
 from adasched.sampling.trajectory import sample
 from policies import make_policy
@@ -52,11 +54,12 @@ def exact_trajectory_kl(models: list, plan: list[int]) -> float:
     return total
 
 
-def test_all_heavy_has_exactly_zero_path_kl_and_costs_nothing() -> None:
-    models = family(vocab=VOCAB, seq_len=2)
-    out = sample(models, make_policy("static_heavy"), torch.arange(50), SamplingSpec(STEPS, 2, batch_size=50), meter(models))
-    measured = path_kl(models, out.tokens, out.reveal_step, out.actions)
+def test_all_heavy_has_exactly_zero_path_kl_and_floor_and_costs_nothing() -> None:
+    models = family((3, 1, 3), vocab=VOCAB, seq_len=2)
+    out = sample(models[:2], make_policy("static_heavy"), torch.arange(50), SamplingSpec(STEPS, 2, batch_size=50), meter(models[:2]))
+    measured = path_kl(models[:2], out.tokens, out.reveal_step, out.actions, seed_baseline=models[2])
     assert measured.per_sample.eq(0).all() and measured.per_step.eq(0).all() and measured.eval_flops == 0
+    assert measured.floor_per_sample.eq(0).all() and measured.floor_per_step.eq(0).all()  # so the excess is the path KL, 0
 
 
 def test_the_monte_carlo_mean_matches_the_exact_kl_by_enumeration() -> None:
@@ -72,26 +75,48 @@ def test_the_monte_carlo_mean_matches_the_exact_kl_by_enumeration() -> None:
     assert abs(mean - exact) < 3.5 * error, (mean, exact, error)
 
 
-def test_each_sample_sums_the_kl_of_its_own_light_steps() -> None:
-    """Recomputed independently: dense forwards of both models on z_t, the KL over the vocabulary at each revealed position."""
-    models = family(seq_len=16)
+def test_each_sample_sums_the_kl_of_its_own_light_steps_and_the_seed_floor_at_those_steps_only() -> None:
+    """Recomputed independently: dense forwards of the models on z_t, the KL over the vocabulary at each revealed
+    position of the light steps, of the light model (path KL) and of the seed baseline (its floor)."""
+    models = family((3, 1, 3), seq_len=16)
+    members, seed = models[:2], models[2]
     spec = SamplingSpec(20, 16, batch_size=4)
-    out = sample(models, make_policy("static_sandwich", light_fraction=0.5), torch.arange(6), spec, meter(models))
-    measured = path_kl(models, out.tokens, out.reveal_step, out.actions, batch_size=3)
+    out = sample(members, make_policy("static_sandwich", light_fraction=0.5), torch.arange(6), spec, meter(members))
+    measured = path_kl(members, out.tokens, out.reveal_step, out.actions, batch_size=3, seed_baseline=seed)
     mask = models[0].config.mask_token_id
     with torch.no_grad():
         for i in range(6):
-            expected = 0.0
+            expected = {"kl": 0.0, "floor": 0.0}
             for step in (out.actions[:, i] == 1).nonzero().squeeze(1).tolist():
                 z = torch.where(out.reveal_step[i] < step, out.tokens[i], mask)[None]
                 revealed = out.reveal_step[i] == step
                 t = torch.tensor([1 - step / 20], dtype=torch.float64)
-                log_q, log_p = models[1](z, t)[0, revealed], models[0](z, t)[0, revealed]
-                kept = torch.arange(log_q.shape[1]) != mask
-                expected += float((log_q[:, kept].exp() * (log_q[:, kept] - log_p[:, kept])).sum())
-            assert measured.per_sample[i].item() == pytest.approx(expected, rel=1e-9, abs=1e-12)
-    assert measured.per_step.sum().item() == pytest.approx(measured.per_sample.sum().item())
-    assert measured.per_step[out.actions.max(1).values <= 0].eq(0).all()  # no light decision, no KL at that step
+                log_p = models[0](z, t)[0, revealed]
+                kept = torch.arange(log_p.shape[1]) != mask
+                for key, model in (("kl", members[1]), ("floor", seed)):
+                    log_q = model(z, t)[0, revealed]
+                    expected[key] += float((log_q[:, kept].exp() * (log_q[:, kept] - log_p[:, kept])).sum())
+            assert measured.per_sample[i].item() == pytest.approx(expected["kl"], rel=1e-9, abs=1e-12)
+            assert measured.floor_per_sample[i].item() == pytest.approx(expected["floor"], rel=1e-9, abs=1e-12)
+    for per_sample, per_step in ((measured.per_sample, measured.per_step), (measured.floor_per_sample, measured.floor_per_step)):
+        assert per_step.sum().item() == pytest.approx(per_sample.sum().item())
+        assert per_step[out.actions.max(1).values <= 0].eq(0).all()  # no light decision, no KL and no floor at that step
+    assert measured.floor_per_sample.gt(0).all()  # a seed baseline that differs from the heavy: a test with teeth
+
+
+def test_the_floor_is_the_path_kl_where_the_seed_ran_the_light_steps_for_one_more_forward_each() -> None:
+    models = family(seq_len=16)
+    spec = SamplingSpec(20, 16, batch_size=4)
+    out = sample(models, make_policy("static_sandwich", light_fraction=0.5), torch.arange(6), spec, meter(models))
+    without = path_kl(models, out.tokens, out.reveal_step, out.actions, batch_size=3)
+    seed = copy.deepcopy(models[1])  # loaded apart, as a seed baseline that is also a member is
+    measured = path_kl(models, out.tokens, out.reveal_step, out.actions, batch_size=3, seed_baseline=seed)
+    assert torch.equal(measured.floor_per_sample, measured.per_sample) and torch.equal(measured.floor_per_step, measured.per_step)
+    assert torch.equal(measured.per_sample, without.per_sample) and without.floor_per_sample is None  # the floor changes nothing else
+    light_steps = (out.actions == 1).sum().item()
+    revealed_then = (out.reveal_step >= 0) & (out.actions.T.gather(1, out.reveal_step.clamp(min=0)) == 1)  # each position once
+    one_forward_each = forward_flops(seed, 1, 0, 16) * light_steps + forward_flops(seed, 0, int(revealed_then.sum()), 16)
+    assert measured.eval_flops - without.eval_flops == pytest.approx(one_forward_each)
 
 
 def test_nucleus_kl_is_infinite_where_q_can_draw_what_p_cannot() -> None:

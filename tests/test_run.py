@@ -1,4 +1,5 @@
-"""The main job end to end on a tiny family: files written, fields present, common seeds, clear errors."""
+"""The main job end to end on a tiny family: files written, fields present, common seeds, clear errors; path
+KL's seed floor where it must be 0 or the path KL itself, and (slow) on the shipped family where it must agree."""
 
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ from omegaconf import open_dict
 from adasched.analysis.comparison import find_results, load_rows, table_rows
 from adasched.analysis.evaluation import load_evaluator, sample_nll
 from adasched.data.tokenizer import load_tokenizer
+from adasched.errors import ConfigError
 from adasched.jobs.run import run
-from tests.helpers import ROOT, compose_config
+from tests.helpers import ROOT, SHIPPED, compose_config
 
 RESULT_FIELDS = ("policy", "num_samples", "seq_len", "steps", "gen_ppl", "entropy", "flops", "wall_s", "forwards", "precision")
 
@@ -37,7 +39,7 @@ def run_config(family: Path, run_dir: Path, *overrides: str, heldout_text: bool 
     return cfg
 
 
-def test_run_writes_results_samples_and_schedule(tiny_family: Path, tmp_path: Path) -> None:
+def test_run_writes_results_samples_and_schedule(tiny_family: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     results = run(run_config(tiny_family, tmp_path, "policy=static_sandwich", "policy.light_fraction=0.5"))
     saved = json.loads((tmp_path / "results.json").read_text())
     assert all(field in saved for field in RESULT_FIELDS)
@@ -50,6 +52,16 @@ def test_run_writes_results_samples_and_schedule(tiny_family: Path, tmp_path: Pa
     assert kl["per_sequence"]["mean"] > 0 and kl["per_sequence"]["ci95"] > 0 and kl["eval_flops"] > 0
     assert kl["per_token"]["mean"] == pytest.approx(kl["per_sequence"]["mean"] / 16)
     assert len(kl["per_step"]) == 20 and sum(kl["per_step"]) == pytest.approx(kl["per_sequence"]["mean"])
+    floor, excess = kl["floor"], kl["excess"]
+    assert floor["seed_baseline"] == "heavy_seed1" and floor["per_sequence"]["mean"] > 0 and excess["per_sequence"]["ci95"] > 0
+    assert excess["per_sequence"]["mean"] == pytest.approx(kl["per_sequence"]["mean"] - floor["per_sequence"]["mean"])
+    assert excess["per_token"]["mean"] == pytest.approx(excess["per_sequence"]["mean"] / 16)
+    for part in (floor, excess):
+        assert len(part["per_step"]) == 20 and sum(part["per_step"]) == pytest.approx(part["per_sequence"]["mean"])
+    assert "path_kl_per_sample" not in saved and "path_kl_excess_per_sample" not in saved  # per-sample values stay in sweeps' arm logs
+    excess_line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("excess over seed"))
+    assert f"{excess['per_sequence']['mean']:.3f} +- {excess['per_sequence']['ci95']:.3f} nats/sequence" in excess_line
+    assert f"(floor {floor['per_sequence']['mean']:.3f}: what heavy_seed1 costs at the same steps)" in excess_line
     samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
     assert [s["seed"] for s in samples] == list(range(6))
     assert (tmp_path / "schedule.png").stat().st_size > 1000 and (tmp_path / "schedule_path_kl.png").stat().st_size > 1000
@@ -62,9 +74,44 @@ def test_policies_share_seeds_and_compare(tiny_family: Path, tmp_path: Path) -> 
     heavy, light = (json.loads((tmp_path / p / "results.json").read_text()) for p in ("static_heavy", "static_light"))
     assert heavy["flops"]["saved_executed"] == 0 and light["flops"]["saved_nominal"] == pytest.approx(0.5)
     assert heavy["path_kl"]["per_sequence"] == {"mean": 0.0, "ci95": 0.0} and heavy["path_kl"]["eval_flops"] == 0
+    assert heavy["path_kl"]["floor"]["per_sequence"] == heavy["path_kl"]["excess"]["per_sequence"] == {"mean": 0.0, "ci95": 0.0}
     assert light["path_kl"]["per_sequence"]["mean"] > 0
     rows = table_rows(load_rows(find_results([tmp_path])))
     assert [row["label"] for row in rows] == ["static_heavy", "static_light"]
+    assert rows[0]["path_kl_floor"] == rows[0]["path_kl_excess"] == 0.0 and rows[1]["path_kl_floor"] > 0
+
+
+def test_the_excess_is_exactly_zero_where_the_seed_baseline_runs_the_light_slots(tiny_family: Path, tmp_path: Path) -> None:
+    results = run(run_config(
+        tiny_family, tmp_path, "policy=static_sandwich", "policy.light_fraction=0.5", "family.members=[heavy,heavy_seed1]",
+        "eval.seed_baseline=heavy_seed1", "eval.compare_to_heavy=false",
+    ))
+    kl = results["path_kl"]
+    assert kl["per_sequence"]["mean"] > 0 and kl["floor"]["per_sequence"] == kl["per_sequence"] and kl["floor"]["per_step"] == kl["per_step"]
+    assert kl["excess"]["per_sequence"] == {"mean": 0.0, "ci95": 0.0} and not any(kl["excess"]["per_step"])
+
+
+def test_without_a_seed_baseline_path_kl_stands_alone_and_tables_leave_the_floor_blank(
+    tiny_family: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What runs from before the floor was measured hold too: their tables and summaries must still read."""
+    results = run(run_config(tiny_family, tmp_path, "policy=static_light", "eval.seed_baseline=null", "eval.compare_to_heavy=false"))
+    assert results["path_kl"]["per_sequence"]["mean"] > 0 and not {"floor", "excess"} & results["path_kl"].keys()
+    printed = capsys.readouterr().out
+    assert "path KL to heavy" in printed and "excess over seed" not in printed
+    [row] = table_rows(load_rows(find_results([tmp_path])))
+    assert row["path_kl"] > 0 and [row[key] for key in ("path_kl_floor", "path_kl_floor_ci95", "path_kl_excess", "path_kl_excess_ci95")] == [""] * 4
+
+
+def test_a_seed_baseline_with_no_folder_fails_on_one_line_before_any_model_loads(
+    tiny_family: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(ConfigError) as error:
+        run(run_config(tiny_family, tmp_path, "eval.seed_baseline=heavy_seed9"))
+    message = str(error.value)
+    assert message.startswith(f"eval.seed_baseline='heavy_seed9' names no denoiser folder in {tiny_family}; choose from: heavy, heavy_seed1, light")
+    assert "\n" not in message and "sampling precision" not in capsys.readouterr().out  # nothing loaded
+    run(run_config(tiny_family, tmp_path, "policy=static_heavy", "eval.seed_baseline=heavy_seed9", "eval.path_kl=false", "eval.compare_to_heavy=false"))
 
 
 def test_prefix_mode_keeps_the_prompt_and_scores_the_rest_of_its_block(tiny_family: Path, tmp_path: Path, tiny_corpus: dict[str, str]) -> None:
@@ -108,6 +155,7 @@ def run_cli(*overrides: str) -> subprocess.CompletedProcess:
         (["sampling.num_samples=-3"], "sampling.num_samples=-3 is invalid"),
         (["sampling.precision=fp8"], "sampling.precision='fp8' is invalid; it must be one of: auto, float32, bf16"),
         (["eval.heldout_text=maybe"], "eval.heldout_text='maybe' is invalid; it must be true or false"),
+        (["eval.seed_baseline=heavy_seed9"], "eval.seed_baseline='heavy_seed9' names no denoiser folder in"),
     ],
 )
 def test_cli_rejects_bad_values_with_one_line_and_leaves_no_folder(overrides: list[str], expected: str, tmp_path: Path) -> None:
@@ -125,3 +173,42 @@ def test_help_says_what_the_script_does_and_its_main_options() -> None:
     assert result.stdout.startswith("experiments/run.py: sample with one scheduling policy")
     for option in ("policy=NAME", "budget=FRACTION", "sampling.num_samples=N", "family=NAME"):
         assert option in result.stdout
+
+
+def shipped_sandwich(run_dir: Path, *overrides: str) -> dict:
+    """The 25% sandwich on the shipped family, short enough for a slow test: 16 samples, 100 steps."""
+    cfg = compose_config(
+        "run",
+        [
+            "policy=static_sandwich", "sampling.num_samples=16", "sampling.batch_size=16", "sampling.num_steps=100",
+            "eval.compare_to_heavy=false", "eval.heldout_text=false", "logger.mode=disabled", *overrides,
+        ],
+    )
+    with open_dict(cfg):
+        cfg.run_dir = str(run_dir)
+    return run(cfg)["path_kl"]
+
+
+def agree(a: dict[str, float], b: dict[str, float]) -> bool:
+    """Two means with 95% half-widths agree where their difference lies within the interval of a difference."""
+    return abs(a["mean"] - b["mean"]) <= (a["ci95"] ** 2 + b["ci95"] ** 2) ** 0.5
+
+
+@pytest.mark.slow
+def test_the_floor_is_what_the_seed_costs_when_it_runs_the_light_slots(tmp_path: Path) -> None:
+    """The floor of the sandwich (light in its light slots) predicts the path KL of the same sandwich with
+    heavy_seed1 in them, sampled on the same seeds, whose own excess is exactly 0."""
+    floor = shipped_sandwich(tmp_path / "light")["floor"]
+    seeded = shipped_sandwich(tmp_path / "seed", "family.members=[heavy,heavy_seed1]")
+    assert floor["seed_baseline"] == "heavy_seed1" and seeded["excess"]["per_sequence"] == {"mean": 0.0, "ci95": 0.0}
+    assert agree(floor["per_sequence"], seeded["per_sequence"]), (floor["per_sequence"], seeded["per_sequence"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("other", ["heavy_seed2"])
+def test_the_floor_does_not_depend_on_which_other_seed_measures_it(other: str, tmp_path: Path) -> None:
+    assert (SHIPPED / other / "model.safetensors").is_file(), (
+        f"{SHIPPED / other} is missing: train it (make family-{other}) before running this test; it is never skipped"
+    )
+    floors = [shipped_sandwich(tmp_path / name, f"eval.seed_baseline={name}")["floor"]["per_sequence"] for name in ("heavy_seed1", other)]
+    assert agree(*floors), floors

@@ -127,7 +127,7 @@ def test_job_writes_table_json_and_figures(tiny_family: Path, tiny_corpus: dict[
     ("override", "expected"),
     [
         ("light_models=[light,nope]", "light_models names 'nope', which has no denoiser folder in"),
-        ("baseline=heavy_seed1", "baseline names 'heavy_seed1'"),
+        ("baseline=heavy_seed9", "baseline names 'heavy_seed9'"),
         ("num_times=0", "num_times=0 is invalid; it must be a positive integer"),
         ("num_sequences=100000", "num_sequences=100000 is invalid; it must lie in [1, "),
     ],
@@ -138,4 +138,4 @@ def test_bad_values_fail_with_a_one_line_config_error(override: str, expected: s
     message = str(error.value)
     assert expected in message and "\n" not in message
     if "names" in expected:
-        assert message.endswith("choose from: heavy, light")
+        assert message.endswith("choose from: heavy, heavy_seed1, light")

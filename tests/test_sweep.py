@@ -50,10 +50,11 @@ def test_every_arm_runs_at_every_budget_and_pairs_with_the_reference(tiny_family
             row = by_label[f"{arm}@{budget}"]
             assert row["verdict"] in ("better", "worse", "tie") and row["diff_ci95"] > 0
             assert row["path_kl_verdict"] in ("better", "worse", "tie") and row["path_kl"] >= 0
+            assert row["path_kl_excess_verdict"] in ("better", "worse", "tie") and row["path_kl_floor"] >= 0
         for arm in ARMS[1:3]:  # (random tiny models give entropies too alike to calibrate the entropy routers)
             assert abs(by_label[f"{arm}@{budget}"]["saved_executed_%"] / 100 - budget) < 0.05  # held-out seeds
     assert by_label["static_heavy"]["saved_executed_%"] == 0 and by_label["static_heavy"]["verdict"] == ""
-    assert by_label["static_heavy"]["path_kl"] == 0.0
+    assert by_label["static_heavy"]["path_kl"] == by_label["static_heavy"]["path_kl_floor"] == by_label["static_heavy"]["path_kl_excess"] == 0.0
     figures = list((tmp_path / "schedules").glob("*.png"))  # a schedule and a per-step path KL curve per arm
     assert len(list((tmp_path / "samples").glob("*.jsonl"))) == len(rows) == len(figures) // 2 == sum(f.stem.endswith("_path_kl") for f in figures)
     assert (tmp_path / "quality_vs_compute.png").stat().st_size > 1000 and (tmp_path / "path_kl_per_step.png").stat().st_size > 1000
@@ -68,15 +69,38 @@ def test_a_finished_sweep_pairs_against_any_of_its_arms_without_resampling(tiny_
     repaired = {row["label"]: row for row in pair_against(tmp_path, "mask_fraction_router")}
     assert repaired["mask_fraction_router@0.2"]["verdict"] == "reference"
     against, back = by_label["mask_fraction_router@0.2"], repaired["static_sandwich@0.2"]
-    for key in ("diff_vs_reference", "path_kl_diff"):  # the same pairs, the other way round
+    for key in ("diff_vs_reference", "path_kl_diff", "path_kl_excess_diff"):  # the same pairs, the other way round
         assert back[key] == pytest.approx(-against[key], abs=0.011)
     assert back["diff_ci95"] == against["diff_ci95"] and back["path_kl_diff_ci95"] == against["path_kl_diff_ci95"]
+    assert back["path_kl_excess_diff_ci95"] == against["path_kl_excess_diff_ci95"]
     assert repaired["static_heavy"]["verdict"] == ""  # no unbudgeted mask_fraction_router to pair the budget-free arm with
     assert (tmp_path / "table_vs_mask_fraction_router.csv").is_file() and read_table(tmp_path) == [
         {k: str(v) for k, v in row.items() if k not in ("wall_s", "speedup_vs_reference")} for row in by_label.values()
     ]
     with pytest.raises(ConfigError, match="reference='kl_router' is not an arm of the sweep"):
         pair_against(tmp_path, "kl_router")
+
+
+def without_floor(record: dict) -> dict:
+    """An arm as logged before path KL's floor was measured."""
+    path_kl = {key: value for key, value in record["path_kl"].items() if key not in ("floor", "excess")}
+    return {key: value for key, value in record.items() if key != "path_kl_excess_per_sample"} | {"path_kl": path_kl}
+
+
+def test_arms_logged_before_the_floor_still_pair_and_tabulate(tiny_family: Path, tmp_path: Path) -> None:
+    cfg = sweep_config(tiny_family, tmp_path, "experiment.budgets=[0.2]")
+    with open_dict(cfg):
+        for name in ARMS[3:]:
+            cfg.experiment.arms.pop(name)
+    measured = {row["label"]: row for row in sweep(cfg)}
+    lines = [json.loads(line) for line in (tmp_path / "arms.jsonl").read_text().splitlines()]
+    (tmp_path / "arms.jsonl").write_text("".join(json.dumps(without_floor(line) if line["arm"] == "static_sandwich" else line) + "\n" for line in lines))
+    rows = {row["label"]: row for row in sweep(cfg)}  # nothing to resample: the report of the log as it now reads
+    old, new = rows["static_sandwich@0.2"], rows["mask_fraction_router@0.2"]  # the reference, then an arm paired with it
+    assert old["path_kl"] == measured["static_sandwich@0.2"]["path_kl"] and [old[key] for key in ("path_kl_floor", "path_kl_excess")] == ["", ""]
+    assert new["path_kl_diff"] == measured["mask_fraction_router@0.2"]["path_kl_diff"] != ""  # path KL still pairs
+    assert new["path_kl_excess"] == measured["mask_fraction_router@0.2"]["path_kl_excess"] != "" and new["path_kl_excess_diff"] == ""
+    assert next(line for line in read_table(tmp_path) if line["label"] == "static_sandwich@0.2")["path_kl_excess"] == ""
 
 
 SEARCH = ["experiment=exhaustive", "experiment.segment_search.num_segments=4", "experiment.segment_search.light_segments=2"]

@@ -14,7 +14,8 @@ import torch
 from adasched.analysis.evaluation import paired_difference
 from adasched.errors import ConfigError
 
-COLUMNS = ("label", "gen_ppl", "ci95", "paired_diff", "path_kl", "path_kl_ci95", "entropy", "saved_nominal_%", "saved_executed_%", "wall_s", "speedup")
+PATH_KL_COLUMNS = ("path_kl", "path_kl_ci95", "path_kl_floor", "path_kl_floor_ci95", "path_kl_excess", "path_kl_excess_ci95")
+COLUMNS = ("label", "gen_ppl", "ci95", "paired_diff", *PATH_KL_COLUMNS, "entropy", "saved_nominal_%", "saved_executed_%", "wall_s", "speedup")
 
 
 def find_results(paths: Sequence[str | Path]) -> list[Path]:
@@ -60,11 +61,15 @@ def table_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def path_kl_cells(record: dict[str, Any]) -> dict[str, Any]:
-    """Mean path KL per sequence and its 95% half-width, blank for runs that did not measure it."""
-    if "path_kl" not in record:
-        return {"path_kl": "", "path_kl_ci95": ""}
-    value = record["path_kl"]["per_sequence"]
-    return {"path_kl": round(value["mean"], 4), "path_kl_ci95": round(value["ci95"], 4)}
+    """Mean per sequence and 95% half-width of path KL, of its seed floor and of the excess over the floor; blank
+    where a run did not measure them (path KL: eval.path_kl=false; the floor: eval.seed_baseline=null, or runs
+    from before it was measured)."""
+    path_kl = record.get("path_kl", {})
+    cells: dict[str, Any] = {}
+    for column, measured in (("path_kl", path_kl), ("path_kl_floor", path_kl.get("floor", {})), ("path_kl_excess", path_kl.get("excess", {}))):
+        value = measured.get("per_sequence")
+        cells[column], cells[f"{column}_ci95"] = ("", "") if value is None else (round(value["mean"], 4), round(value["ci95"], 4))
+    return cells
 
 
 def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] = COLUMNS) -> str:
@@ -82,10 +87,12 @@ def to_csv(rows: Sequence[dict[str, Any]], columns: Sequence[str] = COLUMNS) -> 
     return buffer.getvalue()
 
 
+PAIRED_PATH_KL_COLUMNS = (
+    "path_kl_diff", "path_kl_diff_ci95", "path_kl_verdict", "path_kl_excess_diff", "path_kl_excess_diff_ci95", "path_kl_excess_verdict",
+)
 SWEEP_COLUMNS = (
-    "label", "budget", "gen_ppl", "ci95", "diff_vs_reference", "diff_ci95", "verdict", "path_kl", "path_kl_ci95",
-    "path_kl_diff", "path_kl_diff_ci95", "path_kl_verdict", "entropy", "distinct_2", "saved_executed_%", "saved_nominal_%",
-    "knob", "wall_s", "speedup_vs_reference",
+    "label", "budget", "gen_ppl", "ci95", "diff_vs_reference", "diff_ci95", "verdict", *PATH_KL_COLUMNS, *PAIRED_PATH_KL_COLUMNS,
+    "entropy", "distinct_2", "saved_executed_%", "saved_nominal_%", "knob", "wall_s", "speedup_vs_reference",
 )
 
 
@@ -106,8 +113,20 @@ def verdict(difference: float, half_width: float) -> str:
     return "tie"
 
 
+def seed_baseline_of(record: dict[str, Any]) -> str | None:
+    """The model a record's path-KL floor was measured with; None where it measured none."""
+    return record.get("path_kl", {}).get("floor", {}).get("seed_baseline")
+
+
+def paired_cells(column: str, values: list[float], reference_values: list[float]) -> dict[str, Any]:
+    """``column``'s paired difference to the reference arm on the same seeds, its 95% half-width and verdict."""
+    difference, half_width = paired_difference(torch.tensor(values), torch.tensor(reference_values))
+    return {f"{column}_diff": round(difference, 4), f"{column}_diff_ci95": round(half_width, 4), f"{column}_verdict": verdict(difference, half_width)}
+
+
 def sweep_rows(records: Sequence[dict[str, Any]], reference: str | None) -> list[dict[str, Any]]:
-    """One row per arm: quality, cost, and the paired perplexity difference to ``reference`` on the same seeds."""
+    """One row per arm: quality, cost, and the paired differences of perplexity, path KL and its excess over the
+    seed floor to ``reference`` on the same seeds (excess only where both floors came from the same seed baseline)."""
     rows = []
     for record in records:
         row = {
@@ -116,7 +135,7 @@ def sweep_rows(records: Sequence[dict[str, Any]], reference: str | None) -> list
             "gen_ppl": round(record["gen_ppl"]["mean"], 2),
             "ci95": round(record["gen_ppl"]["ci95"], 2),
             "diff_vs_reference": "", "diff_ci95": "", "verdict": "",
-            **path_kl_cells(record), "path_kl_diff": "", "path_kl_diff_ci95": "", "path_kl_verdict": "",
+            **path_kl_cells(record), **dict.fromkeys(PAIRED_PATH_KL_COLUMNS, ""),
             "entropy": round(record["entropy"]["mean"], 4),
             "distinct_2": round(record["distinct"]["2"], 4),
             "saved_executed_%": round(100 * record["flops"]["saved_executed"], 2),
@@ -137,7 +156,8 @@ def sweep_rows(records: Sequence[dict[str, Any]], reference: str | None) -> list
                 "speedup_vs_reference": round(baseline["wall_s"]["sampling"] / record["wall_s"]["sampling"], 3),
             }
             if "path_kl_per_sample" in record and "path_kl_per_sample" in baseline:
-                difference, half_width = paired_difference(torch.tensor(record["path_kl_per_sample"]), torch.tensor(baseline["path_kl_per_sample"]))
-                row |= {"path_kl_diff": round(difference, 4), "path_kl_diff_ci95": round(half_width, 4), "path_kl_verdict": verdict(difference, half_width)}
+                row |= paired_cells("path_kl", record["path_kl_per_sample"], baseline["path_kl_per_sample"])
+            if "path_kl_excess_per_sample" in record and "path_kl_excess_per_sample" in baseline and seed_baseline_of(record) == seed_baseline_of(baseline):
+                row |= paired_cells("path_kl_excess", record["path_kl_excess_per_sample"], baseline["path_kl_excess_per_sample"])
         rows.append(row)
     return rows

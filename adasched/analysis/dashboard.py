@@ -42,7 +42,8 @@ RESULTS_FILE = "results.json"  # the table a sweep (and a run) writes
 PPL_KEY = "gen_ppl/mean"
 SAVED_EXECUTED_KEY = "flops/saved_executed"
 RUN_TABLE_KEYS = (
-    PPL_KEY, "gen_ppl/ci95", "path_kl/per_sequence/mean", "path_kl/per_sequence/ci95", SAVED_EXECUTED_KEY, "flops/saved_nominal",
+    PPL_KEY, "gen_ppl/ci95", "path_kl/per_sequence/mean", "path_kl/per_sequence/ci95", "path_kl/excess/per_sequence/mean",
+    "path_kl/excess/per_sequence/ci95", "path_kl/floor/per_sequence/mean", SAVED_EXECUTED_KEY, "flops/saved_nominal",
     "entropy/mean", "wall_s/sampling",
 )
 
@@ -52,10 +53,13 @@ HEADERS = {
     "saved_executed_%": "FLOPs saved executed %", "knob": "calibrated knob", "wall_s": "sampling wall s",
     "speedup_vs_reference": "speedup vs reference", "speedup": "speedup vs all-heavy",
     "path_kl": "path KL, nats/sequence (95% CI)", "path_kl_diff": "paired path KL diff vs reference (95% CI)",
-    "path_kl_verdict": "path KL verdict",
+    "path_kl_verdict": "path KL verdict", "path_kl_floor": "seed floor, nats/sequence (95% CI)",
+    "path_kl_excess": "path KL over the seed floor, nats/sequence (95% CI)", "path_kl_excess_diff": "paired excess diff vs reference (95% CI)",
+    "path_kl_excess_verdict": "excess verdict",
 }
 INTERVALS = {  # a value column and its 95% half-width, shown as one cell
     "gen_ppl": "ci95", "diff_vs_reference": "diff_ci95", "path_kl": "path_kl_ci95", "path_kl_diff": "path_kl_diff_ci95",
+    "path_kl_floor": "path_kl_floor_ci95", "path_kl_excess": "path_kl_excess_ci95", "path_kl_excess_diff": "path_kl_excess_diff_ci95",
 }
 MODES = ("online", "offline", "disabled")
 

@@ -10,12 +10,19 @@ Evaluated along the policy's own samples with the analytic per-position KL this 
 estimate; it upper-bounds the KL between the two samplers' final samples. It costs one heavy forward (and one
 of the chosen model) at the revealed positions of every (sample, step) that ran another model; those forwards
 are evaluation, counted apart from the policy's FLOPs and wall clock.
+
+Path KL charges for being *another* network, not only a worse one: a second heavy trained from another seed,
+as good as the heavy, costs most of a light sandwich's path KL in its light slots. The floor is what such a
+seed baseline (never a choice of the policy) costs at the very steps and positions the policy gave away,
+KL(q_seed || p_heavy) there; path KL minus the floor (the excess) is what the policy loses beyond it.
+Measuring the floor costs one more forward per (sample, step), the heavy's logits being shared.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -34,15 +41,42 @@ def categorical_kl(q_logits: torch.Tensor, p_logits: torch.Tensor, top_p: float 
     return terms.sum(-1)
 
 
+def forward_flops(model: MDLMDenoiser, rows: int, projected: int, seq_len: int) -> float:
+    """FLOPs of one forward of ``rows`` sequences that projects only ``projected`` positions to the vocabulary."""
+    body = model.flops_per_forward(seq_len, 0)
+    return rows * body + projected * (model.flops_per_forward(seq_len, 1) - body)
+
+
+def revealed_logits(model: MDLMDenoiser, tokens: torch.Tensor, t: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """(P, V) logits at the ``positions`` (an (R, L) mask) only: the positions a step reveals are all the KL needs."""
+    return model.project(model.hidden_states(tokens, t)[positions])
+
+
+def row_sums(values: torch.Tensor, owner: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """(num_rows,) float64 sums of per-position ``values`` by the row that ``owner`` names for each."""
+    return torch.zeros(num_rows, dtype=torch.float64, device=values.device).index_add_(0, owner, values)
+
+
+class StepKL(NamedTuple):
+    """One step's path-KL increment per row, the seed baseline's at the same rows and positions, and their cost."""
+
+    kl: torch.Tensor  # (R,) float64
+    floor: torch.Tensor | None  # (R,) float64; None without a seed baseline
+    flops: float  # of the evaluation forwards
+
+
 @torch.inference_mode()
 def step_kl(
-    models: Sequence[MDLMDenoiser], tokens: torch.Tensor, t: torch.Tensor, reveal: torch.Tensor, action: torch.Tensor, top_p: float = 1.0
-) -> tuple[torch.Tensor, float]:
-    """Each row's path-KL increment for one step: the KL summed over its ``reveal`` positions of z_t ``tokens``.
+    models: Sequence[MDLMDenoiser], tokens: torch.Tensor, t: torch.Tensor, reveal: torch.Tensor, action: torch.Tensor, top_p: float = 1.0,
+    seed_baseline: MDLMDenoiser | None = None,
+) -> StepKL:
+    """Each row's path-KL increment for one step: the KL summed over its ``reveal`` positions of z_t ``tokens``,
+    and with a ``seed_baseline`` its floor increment, KL(q_seed || p_heavy) at the same positions.
 
-    Rows on model 0 (heavy) add exactly 0 and run nothing. Returns (R,) float64 and the FLOPs the forwards cost.
+    Rows on model 0 (heavy) add exactly 0 to both and run nothing.
     """
     increment = torch.zeros(len(tokens), dtype=torch.float64, device=tokens.device)
+    floor = None if seed_baseline is None else torch.zeros_like(increment)
     t, action = t.to(tokens.device), action.to(tokens.device)  # a sampler's state and a policy's actions live on the host
     flops = 0.0
     seq_len = tokens.shape[1]
@@ -51,33 +85,39 @@ def step_kl(
         if model_index == 0:
             continue
         rows = (action == model_index).nonzero(as_tuple=True)[0]
-        positions = reveal[rows]
-        chosen = models[model_index]
-        q = chosen.project(chosen.hidden_states(tokens[rows], t[rows])[positions])
-        p = heavy.project(heavy.hidden_states(tokens[rows], t[rows])[positions])
+        z, t_rows, positions = tokens[rows], t[rows], reveal[rows]
         owner = positions.nonzero(as_tuple=True)[0]
-        increment[rows] = torch.zeros(len(rows), dtype=torch.float64, device=tokens.device).index_add_(0, owner, categorical_kl(q, p, top_p))
-        projected = int(positions.sum())
-        flops += len(rows) * (chosen.flops_per_forward(seq_len, 0) + heavy.flops_per_forward(seq_len, 0))
-        flops += projected * (chosen.flops_per_forward(seq_len, 1) - chosen.flops_per_forward(seq_len, 0) + heavy.flops_per_forward(seq_len, 1) - heavy.flops_per_forward(seq_len, 0))
-    return increment, flops
+        p = revealed_logits(heavy, z, t_rows, positions)
+        chosen = models[model_index]
+        increment[rows] = row_sums(categorical_kl(revealed_logits(chosen, z, t_rows, positions), p, top_p), owner, len(rows))
+        ran = [heavy, chosen]
+        if seed_baseline is not None:
+            floor[rows] = row_sums(categorical_kl(revealed_logits(seed_baseline, z, t_rows, positions), p, top_p), owner, len(rows))
+            ran.append(seed_baseline)
+        flops += sum(forward_flops(model, len(rows), int(positions.sum()), seq_len) for model in ran)
+    return StepKL(increment, floor, flops)
 
 
 @dataclass
 class PathKL:
-    """Path KL of every sample (nats per sequence), its split over steps, and what measuring it cost."""
+    """Path KL of every sample (nats per sequence), its split over steps, and what measuring it cost; with a seed
+    baseline also its floor, split alike (None where none was measured)."""
 
     per_sample: torch.Tensor  # (N,) float64
     per_step: torch.Tensor  # (num_steps,) float64 summed over samples: where along the trajectory a policy loses
     generated_tokens: int  # per sample: the positions the sampler generated (the prompt excluded)
-    eval_flops: float  # FLOPs of the evaluation forwards (never charged to the policy)
+    eval_flops: float  # FLOPs of the evaluation forwards (never charged to the policy), the floor's included
+    floor_per_sample: torch.Tensor | None = None  # (N,) float64: the seed baseline at the same steps and positions
+    floor_per_step: torch.Tensor | None = None  # (num_steps,) float64 summed over samples
 
 
 def path_kl(
-    models: Sequence[MDLMDenoiser], tokens: torch.Tensor, reveal_step: torch.Tensor, actions: torch.Tensor, top_p: float = 1.0, batch_size: int = 64
+    models: Sequence[MDLMDenoiser], tokens: torch.Tensor, reveal_step: torch.Tensor, actions: torch.Tensor, top_p: float = 1.0, batch_size: int = 64,
+    seed_baseline: MDLMDenoiser | None = None,
 ) -> PathKL:
     """Replay finished samples: at every (sample, step) that ran a model other than 0, rebuild z_t from the
-    sample's tokens and reveal steps and add the step's KL. ``tokens``/``reveal_step`` (N, L), ``actions`` (T, N)."""
+    sample's tokens and reveal steps and add the step's KL (and the ``seed_baseline``'s floor, if given).
+    ``tokens``/``reveal_step`` (N, L), ``actions`` (T, N)."""
     num_steps, num_samples = actions.shape
     device = next(models[0].parameters()).device
     tokens, reveal_step, actions = tokens.to(device), reveal_step.to(device), actions.to(device)
@@ -85,15 +125,21 @@ def path_kl(
     steps, samples = ((actions > 0)).nonzero(as_tuple=True)
     per_sample = torch.zeros(num_samples, dtype=torch.float64, device=device)
     per_step = torch.zeros(num_steps, dtype=torch.float64, device=device)
+    floor_per_sample = None if seed_baseline is None else torch.zeros_like(per_sample)
+    floor_per_step = None if seed_baseline is None else torch.zeros_like(per_step)
     eval_flops = 0.0
     for start in range(0, len(steps), batch_size):
         step, sample = steps[start : start + batch_size], samples[start : start + batch_size]
         z = torch.where(reveal_step[sample] < step[:, None], tokens[sample], mask_id)  # the prompt's -1 is always revealed
         reveal = reveal_step[sample] == step[:, None]
         t = 1.0 - step.double() / num_steps
-        increment, flops = step_kl(models, z, t, reveal, actions[step, sample], top_p)
-        per_sample.index_add_(0, sample, increment)
-        per_step.index_add_(0, step, increment)
-        eval_flops += flops
+        measured = step_kl(models, z, t, reveal, actions[step, sample], top_p, seed_baseline)
+        per_sample.index_add_(0, sample, measured.kl)
+        per_step.index_add_(0, step, measured.kl)
+        if measured.floor is not None:
+            floor_per_sample.index_add_(0, sample, measured.floor)
+            floor_per_step.index_add_(0, step, measured.floor)
+        eval_flops += measured.flops
     generated = int((reveal_step[0] >= 0).sum()) if num_samples else 0
-    return PathKL(per_sample.cpu(), per_step.cpu(), generated, eval_flops)
+    on_host = (None if values is None else values.cpu() for values in (floor_per_sample, floor_per_step))
+    return PathKL(per_sample.cpu(), per_step.cpu(), generated, eval_flops, *on_host)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import csv
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -45,26 +45,32 @@ def plot_schedule(actions: torch.Tensor, names: Sequence[str], title: str, path:
     return save_figure(figure, path)
 
 
+QualityMeasure = tuple[str, Callable[[dict], dict | None]]  # axis label, a row's {mean, ci95} (None where not measured)
+GEN_PPL: QualityMeasure = ("generative perplexity (95% CI)", lambda row: row["gen_ppl"])
+PATH_KL_MEASURES: tuple[QualityMeasure, ...] = (
+    ("path KL to all-heavy, nats/sequence (95% CI)", lambda row: row.get("path_kl", {}).get("per_sequence")),
+    ("path KL over the seed floor, nats/sequence (95% CI)", lambda row: row.get("path_kl", {}).get("excess", {}).get("per_sequence")),
+)
+
+
 NAMED_POLICIES = 20  # up to this many policies get a color and a legend entry each; more (a search) are drawn alike
 
 
 def plot_quality_vs_compute(rows: Sequence[dict], path: Path, saving_key: str = "saved_executed") -> Path:
     """Quality against the FLOPs saved, one point per run: generative perplexity, and beside it the path KL to
-    the all-heavy sampler where the runs measured it (both with 95% intervals).
+    the all-heavy sampler and its excess over the seed floor where runs measured them (all with 95% intervals).
 
     Runs of one policy at several budgets (labels ``name@budget``) share a color and are joined by a line, its
     trade-off curve; the legend names the policies, so no label is printed over another.
     """
-    measures = [("gen_ppl", "generative perplexity (95% CI)", lambda row: row["gen_ppl"])]
-    if any("path_kl" in row for row in rows):
-        measures.append(("path_kl", "path KL to all-heavy, nats/sequence (95% CI)", lambda row: row["path_kl"]["per_sequence"]))
+    measures = [GEN_PPL, *(measure for measure in PATH_KL_MEASURES if any(measure[1](row) is not None for row in rows))]
     names = list(dict.fromkeys(row["label"].split("@")[0] for row in rows))
     named = len(names) <= NAMED_POLICIES
     palette = plt.get_cmap("tab20" if len(names) > 10 else "tab10")
     figure, axes = plt.subplots(1, len(measures), figsize=(5.5 * len(measures), 4), squeeze=False)
-    for axis, (key, label, value) in zip(axes[0], measures):
+    for axis, (label, value) in zip(axes[0], measures):
         for index, name in enumerate(names):
-            group = sorted((r for r in rows if key in r and r["label"].split("@")[0] == name), key=lambda r: r["flops"][saving_key])
+            group = sorted((r for r in rows if value(r) is not None and r["label"].split("@")[0] == name), key=lambda r: r["flops"][saving_key])
             if not group:
                 continue
             axis.errorbar(
@@ -89,10 +95,9 @@ MAX_LABELLED_ARMS = 30  # beyond this (an exhaustive search) arms are ranked ins
 
 def plot_arms(rows: Sequence[dict], path: Path) -> Path:
     """Quality per arm as bars with 95% CIs (the paper's Fig. 1 and 8-11): generative perplexity, and beside
-    it the path KL to the all-heavy sampler where the arms measured it. Many arms are drawn sorted, by rank."""
-    measures = [("generative perplexity (95% CI)", lambda row: row["gen_ppl"])]
-    if all("path_kl" in row for row in rows):
-        measures.append(("path KL to all-heavy, nats/sequence (95% CI)", lambda row: row["path_kl"]["per_sequence"]))
+    it the path KL to the all-heavy sampler and its excess over the seed floor where every arm measured them.
+    Many arms are drawn sorted, by rank."""
+    measures = [GEN_PPL, *(measure for measure in PATH_KL_MEASURES if all(measure[1](row) is not None for row in rows))]
     ranked = len(rows) > MAX_LABELLED_ARMS
     width = 8 if ranked else max(5, 0.6 * len(rows))
     figure, axes = plt.subplots(1, len(measures), figsize=(width * len(measures), 4), squeeze=False)
@@ -164,19 +169,31 @@ def plot_router_curve(curve_csv: Path, path: Path, title: str, budget: float | N
 
 def plot_runs_path_kl_per_step(records: Sequence[dict], path: Path) -> Path | None:
     """``plot_path_kl_per_step`` of every run that measured a non-zero path KL; None when none did (all-heavy only)."""
-    curves = {r["label"]: r["path_kl"]["per_step"] for r in records if "path_kl" in r and r["path_kl"]["per_sequence"]["mean"] > 0}
-    return plot_path_kl_per_step(curves, path) if curves else None
+    shown = [r for r in records if "path_kl" in r and r["path_kl"]["per_sequence"]["mean"] > 0]
+    return plot_path_kl_per_step(shown, path) if shown else None
 
 
-def plot_path_kl_per_step(curves: dict[str, Sequence[float]], path: Path, bins: int = 50) -> Path:
-    """Where along the trajectory each policy departs from all-heavy: mean path KL per sample in each of
-    ``bins`` equal spans of steps (t = 1 on the left), one line per policy."""
+def binned(per_step: Sequence[float], span: int) -> tuple[list[float], list[float]]:
+    """Centres and sums of consecutive spans of ``span`` steps (the last one padded with zeros)."""
+    values = torch.tensor(list(per_step), dtype=torch.float64)
+    sums = torch.nn.functional.pad(values, (0, (-len(values)) % span)).view(-1, span).sum(1)
+    return (torch.arange(len(sums)) * span + span / 2).tolist(), sums.tolist()
+
+
+def plot_path_kl_per_step(records: Sequence[dict], path: Path, bins: int = 50) -> Path:
+    """Where along the trajectory each run departs from all-heavy: its mean path KL per sample in each of ``bins``
+    equal spans of steps (t = 1 on the left), one line per run (``label``), and dashed in the same color its
+    excess over the seed floor where measured (what it loses beyond being another good network)."""
     figure, axis = plt.subplots(figsize=(7, 4))
-    for label, per_step in curves.items():
-        values = torch.tensor(list(per_step), dtype=torch.float64)
-        span = max(1, -(-len(values) // bins))
-        binned = torch.nn.functional.pad(values, (0, (-len(values)) % span)).view(-1, span).sum(1)
-        axis.plot((torch.arange(len(binned)) * span + span / 2).tolist(), binned.tolist(), label=label, linewidth=1.3)
+    span = max(1, -(-max(len(r["path_kl"]["per_step"]) for r in records) // bins))
+    for record in records:
+        kl = record["path_kl"]
+        line, = axis.plot(*binned(kl["per_step"], span), label=record["label"], linewidth=1.3)
+        if "excess" in kl:
+            label = f"{record['label']}: excess over {kl['floor']['seed_baseline']}"
+            axis.plot(*binned(kl["excess"]["per_step"], span), label=label, color=line.get_color(), linestyle="--", linewidth=1.1)
+    if any("excess" in r["path_kl"] for r in records):
+        axis.axhline(0.0, color="black", linewidth=0.6)  # the excess can fall below 0 where the policy's model beats the seed's
     axis.set_xlabel("step (t = 1 -> 0)")
     axis.set_ylabel(f"path KL per sample, nats per {span} steps")
     axis.grid(alpha=0.3)

@@ -81,7 +81,7 @@ def rollout_records(
         state = path.begin_step()
         if index % record_every == 0:
             tokens, reveal = path.open_step()
-            kl = step_kl([models[heavy], models[light]], tokens, state.t, reveal, torch.ones(len(tokens), dtype=torch.int64, device=tokens.device))[0].cpu()
+            kl = step_kl([models[heavy], models[light]], tokens, state.t, reveal, torch.ones(len(tokens), dtype=torch.int64, device=tokens.device)).kl.cpu()
             parts.append(
                 StepRecords(
                     seed=state.seeds.cpu(), step=state.step.cpu(), t=state.t.cpu(), mask_fraction=state.mask_fraction.double().cpu(),

@@ -28,9 +28,10 @@ from adasched.analysis.path_kl import path_kl
 from adasched.analysis.plots import plot_path_kl_per_step, plot_schedule
 from adasched.data.tokenizer import load_tokenizer
 from adasched.compute import resolve_device, resolve_precision
+from adasched.errors import ConfigError
 from adasched.io import write_text_atomic
 from adasched.models.dit import MDLMDenoiser
-from adasched.models.family import load_family
+from adasched.models.family import HUB_PREFIX, LIGHTNING_PREFIX, denoiser_names, load_family
 from adasched.parallel import generate_data_parallel, score_data_parallel
 from adasched.sampling.calibration import (
     Calibratable,
@@ -73,6 +74,7 @@ class ArmSetting:
     spec: SamplingSpec
     seeds: torch.Tensor
     prompts: torch.Tensor | None
+    seed_baseline: MDLMDenoiser | None = None  # path KL's floor: a heavy from another seed, never a policy's choice
     trainer: L.Trainer | None = None  # data-parallel sampling and scoring; None: this process only
 
     @property
@@ -104,20 +106,42 @@ def warm_up(models: list[MDLMDenoiser], spec: SamplingSpec) -> None:
         model.project(model.hidden_states(z, torch.ones(spec.batch_size, device=device))[:, :1])
 
 
+def seed_baseline_name(cfg: DictConfig) -> str | None:
+    """``eval.seed_baseline`` where path KL is measured, checked to name a model folder of the family, so a
+    typo fails before any model loads; None where no floor is measured."""
+    name = cfg.eval.seed_baseline if cfg.eval.path_kl else None
+    if name is None or name.startswith((HUB_PREFIX, LIGHTNING_PREFIX)):
+        return name
+    available = denoiser_names(Path(cfg.family.dir))
+    if name not in available:
+        raise ConfigError(
+            f"eval.seed_baseline={name!r} names no denoiser folder in {cfg.family.dir}; choose from: "
+            f"{', '.join(available) or 'none (no denoiser folders there)'}, or pass eval.seed_baseline=null to measure path KL without its floor"
+        )
+    return name
+
+
 def load_setting(cfg: DictConfig, trainer: L.Trainer | None = None) -> ArmSetting:
-    """Load the family, tokenizer, evaluator and prompts once; warm the models up."""
+    """Load the family (and the seed baseline, as its members load), tokenizer, evaluator and prompts once;
+    warm the models up."""
+    baseline = seed_baseline_name(cfg)
     spec, seeds = sampling_spec(cfg), evaluation_seeds(cfg)
     device = resolve_device(cfg.device)
     names = list(cfg.family.members)
     precision = sampling_precision(cfg)
     print(f"sampling precision: {precision}" + (f" ({cfg.sampling.precision}: chosen for {device})" if precision != cfg.sampling.precision else ""))
-    models = [model.to(device) for model in load_family({name: Path(cfg.family.dir) / name for name in names}, precision).values()]
+    paths = {name: Path(cfg.family.dir) / name for name in names}
+    if baseline is not None:
+        paths[baseline] = Path(cfg.family.dir) / baseline  # checked with the members; loaded once where it is one
+    loaded = load_family(paths, precision)
+    models = [loaded[name].to(device) for name in names]
+    seed_baseline = None if baseline is None else loaded[baseline].to(device)
     tokenizer = load_tokenizer(cfg.family.tokenizer)
     prompts = prompts_for(cfg, tokenizer, seeds)
     spec.check(models, prompts)
     evaluator, evaluator_tokenizer = load_evaluator(cfg.eval.ppl_model, device, cfg.eval.tokenizer_path)
     warm_up(models, spec)
-    return ArmSetting(cfg, names, models, tokenizer, evaluator, evaluator_tokenizer, spec, seeds, prompts, trainer)
+    return ArmSetting(cfg, names, models, tokenizer, evaluator, evaluator_tokenizer, spec, seeds, prompts, seed_baseline, trainer)
 
 
 def calibrate_to_budget(setting: ArmSetting, label: str, policy: Policy) -> Calibration | None:
@@ -187,20 +211,36 @@ def write_samples(path: Path, generation: Generation, decoded: Decoded, nll: lis
     write_text_atomic(path, "".join(lines))
 
 
-def path_kl_record(setting: ArmSetting, generation: Generation) -> dict[str, Any]:
-    """Path KL to the all-heavy sampler: per sample (for paired differences), its mean and 95% interval per
-    sequence and per generated token, its split over steps, and the evaluation forwards' FLOPs."""
-    measured = path_kl(setting.models, generation.tokens, generation.reveal_step, generation.actions, setting.spec.top_p, setting.spec.batch_size)
-    per_sequence, per_token = mean_ci95(measured.per_sample), mean_ci95(measured.per_sample / measured.generated_tokens)
+PER_SAMPLE_KEYS = ("seeds", "nll", "path_kl_per_sample", "path_kl_excess_per_sample")  # kept for pairing, left out of summaries
+
+
+def kl_summary(per_sample: torch.Tensor, per_step: torch.Tensor, generated_tokens: int) -> dict[str, Any]:
+    """Mean and 95% interval per sequence and per generated token, and the mean over samples per step (nats)."""
+    per_sequence, per_token = mean_ci95(per_sample), mean_ci95(per_sample / generated_tokens)
     return {
-        "path_kl": {
-            "per_sequence": {"mean": per_sequence[0], "ci95": per_sequence[1]},
-            "per_token": {"mean": per_token[0], "ci95": per_token[1]},
-            "per_step": measured.per_step.div(len(measured.per_sample)).tolist(),  # mean over samples, nats
-            "eval_flops": measured.eval_flops,
-        },
-        "path_kl_per_sample": measured.per_sample.tolist(),
+        "per_sequence": {"mean": per_sequence[0], "ci95": per_sequence[1]},
+        "per_token": {"mean": per_token[0], "ci95": per_token[1]},
+        "per_step": per_step.div(len(per_sample)).tolist(),
     }
+
+
+def path_kl_record(setting: ArmSetting, generation: Generation) -> dict[str, Any]:
+    """Path KL to the all-heavy sampler: per sample (for paired differences), summarized by ``kl_summary``, and the
+    evaluation forwards' FLOPs. With a seed baseline also its floor and the excess over it (path KL minus the floor,
+    per sample, paired like path KL), summarized alike: what the policy loses beyond being another good network."""
+    measured = path_kl(
+        setting.models, generation.tokens, generation.reveal_step, generation.actions, setting.spec.top_p, setting.spec.batch_size,
+        setting.seed_baseline,
+    )
+    summary = kl_summary(measured.per_sample, measured.per_step, measured.generated_tokens) | {"eval_flops": measured.eval_flops}
+    record = {"path_kl": summary, "path_kl_per_sample": measured.per_sample.tolist()}
+    if measured.floor_per_sample is not None:
+        excess = measured.per_sample - measured.floor_per_sample
+        floor = kl_summary(measured.floor_per_sample, measured.floor_per_step, measured.generated_tokens)
+        summary["floor"] = {"seed_baseline": setting.cfg.eval.seed_baseline, **floor}
+        summary["excess"] = kl_summary(excess, measured.per_step - measured.floor_per_step, measured.generated_tokens)
+        record["path_kl_excess_per_sample"] = excess.tolist()
+    return record
 
 
 @dataclass
@@ -235,7 +275,7 @@ def evaluate_arm(
         write_samples(samples_path, generation, decoded, quality["nll"])
     if schedule_path is not None:
         if "path_kl" in record:
-            plot_path_kl_per_step({label: record["path_kl"]["per_step"]}, schedule_path.with_name(f"{schedule_path.stem}_path_kl.png"))
+            plot_path_kl_per_step([record], schedule_path.with_name(f"{schedule_path.stem}_path_kl.png"))
         shown = min(32, generation.actions.shape[1])
         plot_schedule(generation.actions, setting.names, f"{label}: model per step ({shown} of {generation.actions.shape[1]} samples)", schedule_path)
     return ArmOutcome(record, generation, decoded.texts)

@@ -90,7 +90,7 @@ def _millions(count: int | None, digits: int) -> str:
 
 
 def family_table(rows: Sequence[dict[str, Any]]) -> str:
-    """The members as a Markdown table (the README's family table): size, training, and the loss just measured."""
+    """The members as a Markdown table (docs/training.md's family table): size, training, and the loss just measured."""
     lines = [
         "| member | blocks | parameters | steps | tokens seen | CPU wall | validation loss (nats/token) | gained over the last 20% |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",

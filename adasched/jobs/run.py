@@ -16,7 +16,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from adasched.analysis.run_logging import log_run, samples_table
 from adasched.io import write_json_atomic
-from adasched.jobs.arms import evaluate_arm, heldout_text_record, load_setting, sampling_precision, sampling_spec
+from adasched.jobs.arms import (
+    PER_SAMPLE_KEYS,
+    evaluate_arm,
+    heldout_text_record,
+    load_setting,
+    sampling_precision,
+    sampling_spec,
+)
 from adasched.parallel import predict_trainer
 from policies import make_policy
 
@@ -63,7 +70,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "device": str(next(setting.models[0].parameters()).device),
         "processes": 1 if setting.trainer is None else setting.trainer.world_size,
         "evaluator": cfg.eval.ppl_model,
-        **{key: value for key, value in record.items() if key not in ("label", "policy", "seeds", "nll", "path_kl_per_sample")},
+        **{key: value for key, value in record.items() if key not in ("label", "policy", *PER_SAMPLE_KEYS)},
     }
     if baseline is not None:
         results["wall_s"]["sampling_all_heavy"] = baseline.generation.wall_s
@@ -79,17 +86,26 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return results
 
 
+def path_kl_lines(path_kl: dict[str, Any]) -> list[str]:
+    """The summary's path KL to all-heavy and, where measured, its excess over the seed floor."""
+    total = path_kl["per_sequence"]
+    lines = [f"path KL to heavy    {total['mean']:.3f} +- {total['ci95']:.3f} nats/sequence ({path_kl['per_token']['mean']:.4f} per token)"]
+    if "excess" in path_kl:
+        excess, floor = path_kl["excess"]["per_sequence"], path_kl["floor"]
+        lines.append(
+            f"excess over seed    {excess['mean']:.3f} +- {excess['ci95']:.3f} nats/sequence "
+            f"(floor {floor['per_sequence']['mean']:.3f}: what {floor['seed_baseline']} costs at the same steps)"
+        )
+    return lines
+
+
 def print_summary(results: dict[str, Any]) -> None:
     ppl, flops = results["gen_ppl"], results["flops"]
     lines = [
         f"policy              {results['policy']}",
         f"samples             {results['num_samples']} x {results['seq_len']} tokens, {results['steps']} steps, {results['precision']}",
         f"gen PPL             {ppl['mean']:.2f} +- {ppl['ci95']:.2f} (95% CI)",
-        *(
-            [f"path KL to heavy    {results['path_kl']['per_sequence']['mean']:.3f} +- {results['path_kl']['per_sequence']['ci95']:.3f} nats/sequence "
-             f"({results['path_kl']['per_token']['mean']:.4f} per token)"]
-            if "path_kl" in results else []
-        ),
+        *(path_kl_lines(results["path_kl"]) if "path_kl" in results else []),
         *(
             [f"held-out text       PPL {results['heldout_text']['gen_ppl']['mean']:.2f} +- {results['heldout_text']['gen_ppl']['ci95']:.2f} "
              "under the same evaluator, scored the same way (the samples' lengths, blocks of the held-out plays)"]

@@ -8,7 +8,6 @@ loss_difference.png (Fig. 5) and kl_relative.png (Fig. 6); then logs them to W&B
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -37,15 +36,9 @@ from adasched.errors import ConfigError
 from adasched.io import write_json_atomic, write_text_atomic
 from adasched.compute import resolve_device
 from adasched.models.dit import MDLMDenoiser
-from adasched.models.family import load_family
+from adasched.models.family import denoiser_names, load_family
 
 SHOWN_COLUMNS = ("t", "light", "loss_diff", "kl", "kl_baseline", "kl_relative")
-
-
-def denoiser_names(family_dir: Path) -> list[str]:
-    """Sub-folders of the family that hold a saved denoiser (the evaluator and tokenizer folders do not)."""
-    configs = sorted(family_dir.glob("*/config.json")) if family_dir.is_dir() else []
-    return [path.parent.name for path in configs if "n_blocks" in json.loads(path.read_text(encoding="utf-8"))]
 
 
 def check_positive_int(name: str, value: Any) -> None:

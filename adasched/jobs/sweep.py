@@ -32,7 +32,13 @@ from adasched.analysis.segment_search import (
 )
 from adasched.errors import ConfigError
 from adasched.io import write_json_atomic, write_text_atomic
-from adasched.jobs.arms import evaluate_arm, load_setting, sampling_precision, sampling_spec
+from adasched.jobs.arms import (
+    PER_SAMPLE_KEYS,
+    evaluate_arm,
+    load_setting,
+    sampling_precision,
+    sampling_spec,
+)
 from adasched.sampling.policy import Policy, check_budget
 
 
@@ -159,7 +165,7 @@ def run_arms(cfg: DictConfig, arms: list[Arm], log: ArmLog, start: int, total: i
             "artifacts": artifact_digests(arm.config),
         }
         log.append(record)
-        summary = {key: value for key, value in record.items() if key not in ("nll", "seeds", "path_kl_per_sample")}
+        summary = {key: value for key, value in record.items() if key not in PER_SAMPLE_KEYS}
         log_run(cfg, f"{cfg.experiment.name}__{arm.label}", summary, {"samples": samples_table(record["seeds"], record["nll"], outcome.texts)}, {"schedule": schedule})
 
 

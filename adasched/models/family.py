@@ -24,6 +24,12 @@ def member_path_or_source(path: str | Path, name: str) -> str | Path:
     return name if name.startswith((HUB_PREFIX, LIGHTNING_PREFIX)) else path
 
 
+def denoiser_names(family_dir: Path) -> list[str]:
+    """Sub-folders of the family that hold a saved denoiser (the evaluator and tokenizer folders do not)."""
+    configs = sorted(family_dir.glob("*/config.json")) if family_dir.is_dir() else []
+    return [path.parent.name for path in configs if "n_blocks" in json.loads(path.read_text(encoding="utf-8"))]
+
+
 def load_denoiser(path: str | Path) -> MDLMDenoiser:
     """A member in float32 and eval mode: a ``save_pretrained`` folder, or ``hf:<hub id or folder>`` / ``mdlm:<.ckpt>``."""
     source = str(path)

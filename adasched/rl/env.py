@@ -162,8 +162,7 @@ class RowBatch:
             path.enqueue(self.new_seeds(len(ending)))  # starts in the ending rows' slots as they free
         with torch.inference_mode():
             tokens, reveal = path.open_step()
-            kl, _ = step_kl(config.models, tokens, self.state.t, reveal, action.to(tokens.device), self.spec.top_p)
-            kl = kl.cpu()
+            kl = step_kl(config.models, tokens, self.state.t, reveal, action.to(tokens.device), self.spec.top_p).kl.cpu()
             output = path.advance(action)
             self.episode_kl += kl
             rewards = -kl - config.multiplier.value * output.flops.cpu() / self.heavy_full
