@@ -11,7 +11,7 @@ Two ways to measure the uncertainty of a row at a step:
   reveals from the fully masked sequence shape everything after them.
 
 The threshold is the calibration knob: raising it sends more rows to the light model, so the saving rises
-(up to the feedback of earlier choices on later entropies, which calibration's bisection tolerates). Its
+(up to the feedback of earlier choices on later entropies, which calibration's search tolerates). Its
 range is [0, ``max_threshold``]: the policy does not know the vocabulary V and the entropy is at most log V,
 so the default 12 nats covers vocabularies up to ~160k tokens (GPT-2's 50k: 10.8; the shipped 4096: 8.3).
 The default threshold, 6 nats, sends about a quarter of the shipped family's probed rows to the light model.
@@ -19,9 +19,12 @@ The default threshold, 6 nats, sends about a quarter of the shipped family's pro
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from adasched.errors import ConfigError
+from adasched.models.dit import MDLMDenoiser
 from adasched.sampling.policy import (
     ENTROPY,
     PROBE_ENTROPY,
@@ -31,6 +34,7 @@ from adasched.sampling.policy import (
     check_model_index,
     register_policy,
 )
+from adasched.sampling.spec import SamplingSpec
 
 MODES = ("probe", "lagged")
 
@@ -64,6 +68,10 @@ class EntropyRouter(Policy):
 
     def set_knob(self, value: float) -> None:
         self.threshold = value
+
+    def initial_knob(self, budget: float, models: Sequence[MDLMDenoiser], spec: SamplingSpec) -> float:
+        """The configured threshold: what entropies the models show is known only once they have run."""
+        return self.threshold
 
     def reset(self, num_steps: int, num_models: int) -> None:
         super().reset(num_steps, num_models)

@@ -7,11 +7,19 @@ KL's heavy tail without hiding zeros. A row runs the heavy model where the predi
 ``threshold``, else the light one: the myopic version of the learned router's goal (least path KL for the
 FLOPs). The threshold is the calibration knob: raising it sends more rows to the light model, so the saving
 never drops.
+
+Path KL charges for being another network, not only a worse one, so the raw increment also steers the router
+away from steps where any other good network (a heavy from another seed) departs from the heavy. The
+``excess`` objective fits the light model's increment minus a seed baseline's at the same step and positions
+instead: signed, so its squash is log1p mirrored for negative values. A router fitted against one seed
+baseline is judged with another (``adasched.jobs.arms``), never with its own training signal.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +29,7 @@ from torch import nn
 
 from adasched.errors import ConfigError
 from adasched.io import atomic_path, write_json_atomic
+from adasched.models.dit import MDLMDenoiser
 from adasched.sampling.features import router_features, select_features
 from adasched.sampling.policy import (
     ENTROPY,
@@ -30,6 +39,7 @@ from adasched.sampling.policy import (
     check_model_index,
     register_policy,
 )
+from adasched.sampling.spec import SamplingSpec
 
 WEIGHTS, METADATA = "router.safetensors", "router.json"
 # The state features the router reads: those all-heavy rollouts show as they will be at sampling time. The
@@ -38,11 +48,37 @@ INPUTS = ["t", "mask_fraction", "mask_fraction_drop", "log1p_reveal_count", "las
 FIT_COMMAND = "python experiments/fit_kl_router.py"
 
 
-class KLRegressor(nn.Module):
-    """Normalized features -> predicted log1p(KL); the normalization is part of the saved model."""
+def signed_log1p(values: torch.Tensor) -> torch.Tensor:
+    """log1p of the magnitude, the sign kept: raw's squash for positive targets, mirrored for negative ones."""
+    return values.sign() * values.abs().log1p()
 
-    def __init__(self, num_features: int, hidden: int, depth: int) -> None:
+
+def signed_expm1(values: torch.Tensor) -> torch.Tensor:
+    return values.sign() * values.abs().expm1()
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What the router predicts (nats) and how its MSE fit squashes the targets and reads predictions back."""
+
+    target: str  # in words, for the fit's report
+    loss: str  # recorded in the fit metadata
+    squash: Callable[[torch.Tensor], torch.Tensor]
+    unsquash: Callable[[torch.Tensor], torch.Tensor]
+
+
+OBJECTIVES = {
+    "raw": Objective("log1p(KL)", "mse_log1p_kl", torch.log1p, lambda predicted: torch.expm1(predicted).clamp(min=0.0)),  # a KL is never negative
+    "excess": Objective("signed log1p(KL - floor)", "mse_signed_log1p_excess_kl", signed_log1p, signed_expm1),
+}
+
+
+class KLRegressor(nn.Module):
+    """Normalized features -> the objective's squashed increment; the normalization is part of the saved model."""
+
+    def __init__(self, num_features: int, hidden: int, depth: int, objective: str = "raw") -> None:
         super().__init__()
+        self.objective = objective
         layers: list[nn.Module] = []
         width = num_features
         for _ in range(depth):
@@ -56,31 +92,32 @@ class KLRegressor(nn.Module):
         return self.net((features - self.mean) / self.std).squeeze(-1)
 
     def predict_kl(self, features: torch.Tensor) -> torch.Tensor:
-        """Predicted KL (nats), non-negative."""
+        """The predicted increment (nats): the KL, non-negative, for raw; the excess over the floor, signed, for excess."""
         with torch.no_grad():
-            return torch.expm1(self(features)).clamp(min=0.0)
+            return OBJECTIVES[self.objective].unsquash(self(features))
 
 
-Examples = tuple[torch.Tensor, torch.Tensor]  # (N, len(INPUTS)) features and (N,) KL targets in nats
+Examples = tuple[torch.Tensor, torch.Tensor]  # (N, len(INPUTS)) features and (N,) targets in nats (KL, or its excess)
 
 
 def examples(features: torch.Tensor, kl: torch.Tensor, num_models: int) -> Examples:
-    """Fitting examples from rows' ``router_features`` (all columns) and their KL targets."""
+    """Fitting examples from rows' ``router_features`` (all columns) and their targets."""
     return select_features(features, num_models, INPUTS), kl
 
 
 def fit(
-    train: Examples, validation: Examples | None = None, hidden: int = 32, depth: int = 2, steps: int = 400, lr: float = 3e-3, seed: int = 0
+    train: Examples, validation: Examples | None = None, objective: str = "raw", hidden: int = 32, depth: int = 2, steps: int = 400,
+    lr: float = 3e-3, seed: int = 0,
 ) -> tuple[KLRegressor, dict[str, Any]]:
-    """Full-batch Adam on MSE of log1p(KL); seeded, so the same examples give the same router.
+    """Full-batch Adam on MSE of the objective's squashed targets; seeded, so the same examples give the same router.
 
-    Returns the model and its fit metadata: losses, sizes, the largest and the lower-quartile predicted KL on
-    the training examples (the knob's range and the default threshold).
+    Returns the model and its fit metadata: losses, sizes, the smallest, largest and lower-quartile predicted
+    increment on the training examples (the knob's range and the default threshold).
     """
-    features, target = train[0].float(), torch.log1p(train[1]).float()
+    features, target = train[0].float(), OBJECTIVES[objective].squash(train[1]).float()
     with torch.random.fork_rng(devices=[]):  # nn.Linear's init draws from the global generator: leave it as it was
         torch.manual_seed(seed)
-        model = KLRegressor(features.shape[1], hidden, depth)
+        model = KLRegressor(features.shape[1], hidden, depth, objective)
     model.mean.copy_(features.mean(0))
     model.std.copy_(features.std(0).clamp(min=1e-6))
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
@@ -93,24 +130,25 @@ def fit(
     model.eval()
     predicted = model.predict_kl(features)
     metadata: dict[str, Any] = {
-        "loss": "mse_log1p_kl", "hidden": hidden, "depth": depth, "steps": steps, "lr": lr, "fit_seed": seed, "train_records": len(target),
+        "loss": OBJECTIVES[objective].loss, "hidden": hidden, "depth": depth, "steps": steps, "lr": lr, "fit_seed": seed, "train_records": len(target),
         "train_mse_initial": initial, "train_mse": mse(model, train),
-        "max_predicted_kl": float(predicted.max()), "suggested_threshold": float(predicted.quantile(0.25)),
+        "min_predicted_kl": float(predicted.min()), "max_predicted_kl": float(predicted.max()), "suggested_threshold": float(predicted.quantile(0.25)),
     }
     if validation is not None:
-        variance = torch.log1p(validation[1]).var(unbiased=False).item()  # the MSE of predicting its mean
+        variance = OBJECTIVES[objective].squash(validation[1]).var(unbiased=False).item()  # the MSE of predicting its mean
         metadata |= {"validation_records": len(validation[1]), "validation_mse": mse(model, validation), "validation_variance": variance}
     return model, metadata
 
 
 def mse(model: KLRegressor, examples: Examples) -> float:
-    """MSE of the predicted log1p(KL) on ``examples``."""
+    """MSE of the predicted squashed target (log1p(KL) for raw) on ``examples``."""
     with torch.no_grad():
-        return nn.functional.mse_loss(model(examples[0].float()), torch.log1p(examples[1]).float()).item()
+        return nn.functional.mse_loss(model(examples[0].float()), OBJECTIVES[model.objective].squash(examples[1]).float()).item()
 
 
-def save(model: KLRegressor, directory: str | Path, num_models: int, metadata: dict[str, Any]) -> None:
-    """Weights as safetensors; features, architecture and fit metadata as JSON beside them."""
+def save(model: KLRegressor, directory: str | Path, num_models: int, metadata: dict[str, Any], seed_baseline: str | None = None) -> None:
+    """Weights as safetensors; features, architecture, objective, the seed baseline an excess router was fitted
+    against (None for raw) and fit metadata as JSON beside them."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     with atomic_path(directory / WEIGHTS) as partial:
@@ -118,29 +156,33 @@ def save(model: KLRegressor, directory: str | Path, num_models: int, metadata: d
     hidden = model.net[0].out_features
     depth = (len(model.net) - 1) // 2
     info = {"num_models": num_models, "feature_names": INPUTS, "architecture": {"hidden": hidden, "depth": depth},
-            "normalization": {"mean": model.mean.tolist(), "std": model.std.tolist()}, "fit": metadata}
+            "normalization": {"mean": model.mean.tolist(), "std": model.std.tolist()}, "objective": model.objective,
+            "seed_baseline": seed_baseline, "fit": metadata}
     write_json_atomic(directory / METADATA, info)
 
 
 def load(directory: str | Path) -> tuple[KLRegressor, dict[str, Any]]:
-    """A router saved by ``save``; a missing folder or one fitted on other features is a one-line ConfigError."""
+    """A router saved by ``save`` (one saved before objectives existed is raw); a missing folder or one fitted on
+    other features is a one-line ConfigError."""
     directory = Path(directory)
     if not (directory / WEIGHTS).is_file() or not (directory / METADATA).is_file():
-        raise ConfigError(f"no fitted KL router at {directory}; create it with: {FIT_COMMAND}")
+        raise ConfigError(f"no fitted KL router at {directory}; create it with: {FIT_COMMAND} out_dir={directory} (objective=excess: to the excess over a seed baseline)")
     info = json.loads((directory / METADATA).read_text(encoding="utf-8"))
     if "num_models" not in info or info["feature_names"] != INPUTS:
         raise ConfigError(f"the KL router at {directory} was fitted on other features; refit it with: {FIT_COMMAND}")
-    model = KLRegressor(len(info["feature_names"]), **info["architecture"])
+    model = KLRegressor(len(info["feature_names"]), **info["architecture"], objective=info.get("objective", "raw"))
     model.load_state_dict(load_file(directory / WEIGHTS))
     return model.eval(), info
 
 
 @register_policy("kl_router")
 class KLRouter(Policy):
-    """Per row and step: heavy where the predicted path-KL increment of the light model > ``threshold``, else light.
+    """Per row and step: heavy where the predicted path-KL increment of the light model (raw, or its excess over
+    the floor) > ``threshold`` nats, else light.
 
     ``threshold=None`` takes the router's suggested one (light on about a quarter of the training steps).
-    With a ``budget`` the threshold is calibrated in (0, the largest predicted KL seen in training).
+    With a ``budget`` the threshold is calibrated up to the largest predicted increment seen in training, from 0
+    (raw) or from the smallest predicted excess, which may be negative.
     """
 
     features = frozenset({ENTROPY})
@@ -152,10 +194,17 @@ class KLRouter(Policy):
         fitted = self.info["fit"]
         self.threshold = fitted["suggested_threshold"] if threshold is None else float(threshold)
         self.light, self.heavy, self.budget = light, heavy, budget
-        self.knob_range = (0.0, float(fitted["max_predicted_kl"]))
+        lowest = 0.0 if self.model.objective == "raw" else float(fitted["min_predicted_kl"])
+        self.knob_range = (lowest, float(fitted["max_predicted_kl"]))
+        self.trained_against = self.info.get("seed_baseline")  # routers fitted before objectives existed are raw
 
     def set_knob(self, value: float) -> None:
         self.threshold = value
+
+    def initial_knob(self, budget: float, models: Sequence[MDLMDenoiser], spec: SamplingSpec) -> float:
+        """The configured threshold, by default the router's suggestion (light on about a quarter of its
+        training steps): what a threshold saves depends on the models, so the first try measures it."""
+        return self.threshold
 
     def reset(self, num_steps: int, num_models: int) -> None:
         super().reset(num_steps, num_models)

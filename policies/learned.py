@@ -9,6 +9,7 @@ JSON of its architecture and training metadata: loading a router runs no pickled
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from torch import nn
 
 from adasched.errors import ConfigError
 from adasched.io import atomic_path, write_json_atomic
+from adasched.models.dit import MDLMDenoiser
 from adasched.sampling.features import feature_names, router_features
 from adasched.sampling.policy import (
     ENTROPY,
@@ -26,6 +28,7 @@ from adasched.sampling.policy import (
     check_budget,
     register_policy,
 )
+from adasched.sampling.spec import SamplingSpec
 
 WEIGHTS, METADATA = "router.safetensors", "router.json"
 TRAIN_COMMAND = "python experiments/train_router.py budget=0.17"
@@ -103,9 +106,14 @@ class LearnedRouter(Policy):
             check_budget(budget)
         self.network, self.info = load(router_for_budget(Path(path), budget))
         self.light_bias, self.budget = light_bias, budget
+        self.trained_against = self.info.get("seed_baseline")  # routers trained before objectives existed are raw
 
     def set_knob(self, value: float) -> None:
         self.light_bias = value
+
+    def initial_knob(self, budget: float, models: Sequence[MDLMDenoiser], spec: SamplingSpec) -> float:
+        """The configured bias, by default none: the router was trained for the budget nearest this one."""
+        return self.light_bias
 
     def reset(self, num_steps: int, num_models: int) -> None:
         super().reset(num_steps, num_models)

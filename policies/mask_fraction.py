@@ -8,8 +8,11 @@ denoising progress on each model whatever its random reveal times.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
+from adasched.models.dit import MDLMDenoiser
 from adasched.sampling.policy import (
     DenoiseState,
     Policy,
@@ -17,7 +20,8 @@ from adasched.sampling.policy import (
     check_model_index,
     register_policy,
 )
-from policies.static import _check_fraction
+from adasched.sampling.spec import SamplingSpec
+from policies.static import _check_fraction, light_share
 
 
 @register_policy("mask_fraction_router")
@@ -41,6 +45,11 @@ class MaskFractionRouter(Policy):
 
     def set_knob(self, value: float) -> None:
         self.light_mass = value
+
+    def initial_knob(self, budget: float, models: Sequence[MDLMDenoiser], spec: SamplingSpec) -> float:
+        """As for the static sandwich: a row's mask fraction falls about evenly over its reveals, so about
+        ``light_mass`` of its decisions are light."""
+        return light_share(budget, models, spec, self.light)
 
     @property
     def band(self) -> tuple[float, float]:

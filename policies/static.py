@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from adasched.errors import ConfigError
+from adasched.models.dit import MDLMDenoiser
+from adasched.sampling.calibration import expected_saving
 from adasched.sampling.policy import (
     DenoiseState,
     Policy,
@@ -20,6 +22,7 @@ from adasched.sampling.policy import (
     check_model_index,
     register_policy,
 )
+from adasched.sampling.spec import SamplingSpec
 
 DEFAULT_LETTERS = {"H": 0, "L": 1}
 
@@ -49,6 +52,12 @@ class StaticSchedule(Policy):
 
     def act(self, state: DenoiseState) -> torch.Tensor:
         return self.plan.to(state.step.device)[state.step]
+
+
+def light_share(budget: float, models: Sequence[MDLMDenoiser], spec: SamplingSpec, light: int) -> float:
+    """The share of decisions on ``light`` that saves ``budget`` in expectation (above 1: out of reach)."""
+    saving = expected_saving(models, spec, light)
+    return budget / saving if saving > 0 else 1.0
 
 
 def blocks(num_steps: int, spans: Sequence[tuple[int, int]], model: int, default: int = 0) -> torch.Tensor:
@@ -116,6 +125,11 @@ class StaticSandwich(StaticSchedule):
 
     def set_knob(self, value: float) -> None:
         self.light_fraction = value
+
+    def initial_knob(self, budget: float, models: Sequence[MDLMDenoiser], spec: SamplingSpec) -> float:
+        """The light fraction that saves ``budget`` in expectation: reveals are spread evenly over the steps, so
+        the saving is the light fraction times what all-light saves."""
+        return light_share(budget, models, spec, self.light)
 
     def schedule(self, num_steps: int) -> torch.Tensor:
         total = _steps(self.light_fraction, num_steps)

@@ -51,6 +51,14 @@ def fitted_kl_router(models: list[MDLMDenoiser], folder: Path, num_steps: int = 
     return folder
 
 
+def fit_kl_router_config(family_dir: Path, out_dir: Path, *overrides: str) -> DictConfig:
+    """A fit_kl_router config that runs in seconds on the tiny family: 4 short trajectories, 20 fit steps."""
+    return compose_config("fit_kl_router", [
+        f"family.dir={family_dir}", "num_trajectories=4", "batch_size=4", "num_steps=20", "seq_len=16", "fit.steps=20", "device=cpu",
+        f"out_dir={out_dir}", *overrides,
+    ])
+
+
 def tiny_train_config(tmp_path: Path, corpus: dict[str, str], model: str = "light", extra: list[str] | None = None) -> DictConfig:
     """A train config that runs in seconds: width 32, 1 block, 4 steps, own tiny tokenizer and cache."""
     overrides = [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from pathlib import Path
 
@@ -93,6 +94,19 @@ def test_the_reward_is_minus_the_path_kl_and_the_priced_compute(tiny_family: Pat
     assert light_summary["path_kl"] == pytest.approx(replayed.per_sample[0].item())
 
 
+def test_the_excess_objective_charges_only_what_the_chosen_model_loses_beyond_the_seed_baseline(tiny_family: Path) -> None:
+    raw = episode_config(tiny_family, lam=0.0)
+    raw_rewards, raw_summary, _ = episode(raw, 1)
+    assert raw_summary["path_kl"] > 0 and sum(raw_rewards) == pytest.approx(-raw_summary["path_kl"])  # raw: minus the path KL, as before
+    rewards, summary, _ = episode(dataclasses.replace(raw, seed_baseline=raw.models[1]), 1)  # the light model as its own floor
+    assert rewards == [0.0] * len(raw_rewards) and summary["path_kl"] == raw_summary["path_kl"]  # no quality term; the reported path KL stays raw
+    seed = load_family({name: tiny_family / name for name in ("heavy", "heavy_seed2")})["heavy_seed2"]
+    rewards, summary, env = episode(dataclasses.replace(raw, seed_baseline=seed), 1)
+    path = env.rows.path
+    replayed = path_kl(raw.models, path.tokens_out[:1], path.plan[:1], path.actions_out[:, :1], seed_baseline=seed)
+    assert sum(rewards) == pytest.approx((replayed.floor_per_sample[0] - replayed.per_sample[0]).item()) and sum(rewards) != sum(raw_rewards)
+
+
 def test_the_optional_terminal_reward_is_the_evaluator_nll(tiny_family: Path) -> None:
     rewards, summary, _ = episode(episode_config(tiny_family, lam=0.0, quality_weight=0.5), 0)
     assert rewards[:-1] == [0.0] * (len(rewards) - 1) and rewards[-1] == pytest.approx(-0.5 * summary["nll"])
@@ -165,6 +179,7 @@ def test_train_export_resume_and_the_policy_acts_like_the_router(tiny_family: Pa
     info = train_router(router_config(tiny_family, tmp_path))
     saved = json.loads((tmp_path / "router" / "router.json").read_text())
     assert saved["timesteps"] == info["timesteps"] >= 256 and saved["budget"] == 0.25 and len(saved["features"]) == 9
+    assert saved["objective"] == "raw" and saved["seed_baseline"] is None
     resumed = train_router(router_config(tiny_family, tmp_path))  # at the end: exports again, with the whole record
     assert all(resumed[key] == info[key] for key in ("timesteps", "convergence", "train_wall_seconds")) and info["convergence"]
     with (tmp_path / "router" / "training_curve.csv").open() as handle:
@@ -173,7 +188,7 @@ def test_train_export_resume_and_the_policy_acts_like_the_router(tiny_family: Pa
     assert all(0 <= float(row["path_kl"]) and float(row["lambda"]) >= 0 for row in curve)
 
     policy = make_policy("learned_router", path=str(tmp_path / "router"))
-    assert not (tmp_path / "router" / "router.zip").exists()  # the export holds no pickle: safetensors and JSON only
+    assert policy.trained_against is None and not (tmp_path / "router" / "router.zip").exists()  # the export holds no pickle: safetensors and JSON only
     router = PPO.load(tmp_path / "run" / "checkpoints" / f"router_{info['timesteps']}_steps.zip", device="cpu")  # the trained PPO itself
     policy.reset(20, 2)
     for state in synthetic_states(8, 20, 2, seed=0):
@@ -201,6 +216,15 @@ def test_at_a_price_above_any_kl_ppo_learns_to_run_the_light_model(tiny_family: 
     assert np.mean(saving[-4:]) > np.mean(saving[:4]) + 0.1
 
 
+def test_an_excess_router_records_the_seed_baseline_it_was_trained_against(tiny_family: Path, tmp_path: Path) -> None:
+    info = train_router(router_config(tiny_family, tmp_path, "env.objective=excess", "ppo.total_timesteps=64"))
+    assert info["objective"] == "excess" and info["seed_baseline"] == "heavy_seed2"
+    assert make_policy("learned_router", path=str(tmp_path / "router")).trained_against == "heavy_seed2"
+    folders = {objective: compose_config("train_router", [f"env.objective={objective}"]) for objective in ("raw", "excess")}
+    assert Path(folders["raw"].export_dir).parent.name == "learned_router" and folders["raw"].run_name.startswith("learned_router-")
+    assert Path(folders["excess"].export_dir).parent.name == "learned_router_excess" and folders["excess"].run_name.startswith("learned_router_excess-")
+
+
 def test_a_checkpoint_keeps_lambda_and_the_return_scale(tiny_family: Path, tmp_path: Path) -> None:
     info = train_router(router_config(tiny_family, tmp_path))
     state = json.loads((tmp_path / "run" / "checkpoints" / f"router_lambda_{info['timesteps']}_steps.json").read_text())
@@ -218,6 +242,8 @@ def test_missing_router_and_bad_budget_fail_on_one_line(tiny_family: Path, tmp_p
         train_router(router_config(tiny_family, tmp_path, "budget=1.5"))
     with pytest.raises(ConfigError, match="sampling.precision='half' is unknown"):
         train_router(router_config(tiny_family, tmp_path, "sampling.precision=half"))
+    with pytest.raises(ConfigError, match="env.seed_baseline='heavy_seed9' names no denoiser folder in .*, or pass env.objective=raw"):
+        train_router(router_config(tiny_family, tmp_path, "env.objective=excess", "env.seed_baseline=heavy_seed9"))
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     (tmp_path / "run" / "checkpoints" / "router_64_steps.zip").touch()
     with pytest.raises(ConfigError, match="already holds a run"):

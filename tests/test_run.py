@@ -18,8 +18,9 @@ from adasched.analysis.comparison import find_results, load_rows, table_rows
 from adasched.analysis.evaluation import load_evaluator, sample_nll
 from adasched.data.tokenizer import load_tokenizer
 from adasched.errors import ConfigError
+from adasched.jobs.fit_kl_router import fit_kl_router
 from adasched.jobs.run import run
-from tests.helpers import ROOT, SHIPPED, compose_config
+from tests.helpers import ROOT, SHIPPED, compose_config, fit_kl_router_config
 
 RESULT_FIELDS = ("policy", "num_samples", "seq_len", "steps", "gen_ppl", "entropy", "flops", "wall_s", "forwards", "precision")
 
@@ -109,9 +110,25 @@ def test_a_seed_baseline_with_no_folder_fails_on_one_line_before_any_model_loads
     with pytest.raises(ConfigError) as error:
         run(run_config(tiny_family, tmp_path, "eval.seed_baseline=heavy_seed9"))
     message = str(error.value)
-    assert message.startswith(f"eval.seed_baseline='heavy_seed9' names no denoiser folder in {tiny_family}; choose from: heavy, heavy_seed1, light")
+    assert message.startswith(f"eval.seed_baseline='heavy_seed9' names no denoiser folder in {tiny_family}; choose from: heavy, heavy_seed1, heavy_seed2, light")
     assert "\n" not in message and "sampling precision" not in capsys.readouterr().out  # nothing loaded
     run(run_config(tiny_family, tmp_path, "policy=static_heavy", "eval.seed_baseline=heavy_seed9", "eval.path_kl=false", "eval.compare_to_heavy=false"))
+
+
+def test_a_router_is_judged_by_another_seed_baseline_than_the_one_it_was_fitted_against(
+    tiny_family: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fit_kl_router(fit_kl_router_config(tiny_family, tmp_path / "router", "objective=excess"))  # against heavy_seed2
+    capsys.readouterr()
+    router = ("policy=kl_router_excess", f"policy.path={tmp_path / 'router'}", "eval.compare_to_heavy=false")
+    with pytest.raises(ConfigError) as error:
+        run(run_config(tiny_family, tmp_path / "refused", *router, "eval.seed_baseline=heavy_seed2"))
+    assert str(error.value) == (
+        "policy kl_router was trained against heavy_seed2; judge it with another seed baseline (eval.seed_baseline=heavy_seed1) or eval.seed_baseline=null"
+    )
+    assert "sampling precision" not in capsys.readouterr().out and not (tmp_path / "refused").exists()  # nothing loaded
+    results = run(run_config(tiny_family, tmp_path / "judged", *router))  # the family's seed baseline, heavy_seed1
+    assert results["policy_config"]["path"] == str(tmp_path / "router") and results["path_kl"]["floor"]["seed_baseline"] == "heavy_seed1"
 
 
 def test_prefix_mode_keeps_the_prompt_and_scores_the_rest_of_its_block(tiny_family: Path, tmp_path: Path, tiny_corpus: dict[str, str]) -> None:

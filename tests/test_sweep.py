@@ -23,9 +23,10 @@ from adasched.analysis.segment_search import (
 )
 from adasched.errors import ConfigError
 from adasched.jobs import sweep as sweep_job
+from adasched.jobs.fit_kl_router import fit_kl_router
 from adasched.jobs.sweep import merge_shards, pair_against, sweep
 from adasched.models.family import load_family
-from tests.helpers import ROOT, compose_config, fitted_kl_router, sweep_config
+from tests.helpers import ROOT, compose_config, fit_kl_router_config, fitted_kl_router, sweep_config
 
 ARMS = ["static_heavy", "static_sandwich", "mask_fraction_router", "entropy_probe", "entropy_lagged"]
 
@@ -184,6 +185,20 @@ def test_a_bad_budget_or_reference_fails_before_sampling(tiny_family: Path, tmp_
     with pytest.raises(ConfigError, match=message):
         sweep(sweep_config(tiny_family, tmp_path, override))
     assert not (tmp_path / "arms.jsonl").exists()
+
+
+def test_an_arm_judged_by_the_seed_baseline_its_router_was_fitted_against_stops_the_sweep_before_sampling(tiny_family: Path, tmp_path: Path) -> None:
+    router = tmp_path / "router"
+    fit_kl_router(fit_kl_router_config(tiny_family, router, "objective=excess"))  # against heavy_seed2
+    cfg = sweep_config(tiny_family, tmp_path / "run", "experiment.budgets=[0.2]", "experiment.reference=null", "eval.seed_baseline=heavy_seed2")
+    with open_dict(cfg):
+        cfg.experiment.arms = {
+            "static_heavy": cfg.experiment.arms.static_heavy,
+            "kl_router_excess": {"_target_": "policies.make_policy", "name": "kl_router", "path": str(router), "budget": None},
+        }
+    with pytest.raises(ConfigError, match=r"^policy kl_router_excess@0.2 was trained against heavy_seed2; judge it with another seed baseline"):
+        sweep(cfg)
+    assert not (tmp_path / "run" / "arms.jsonl").exists()
 
 
 def segment_record(light_segments: list[int], ppl: float, path_kl: float) -> dict:

@@ -3,7 +3,9 @@
 ``rollout_records`` drives an ``EventTrajectory`` with a behaviour policy (all-heavy, typically) and, at every
 ``record_every``-th step of the loop, records per row the path-KL increment the light model would add there
 (``adasched.analysis.path_kl.step_kl``: KL(light || heavy) summed over the positions revealing now), with
-the router's features of its state: what the KL router is fitted to predict. ``masked_kl`` is the
+the router's features of its state: what the KL router is fitted to predict. With a ``seed_baseline`` each
+record also holds that model's increment at the same step and positions (the floor), so a router can be fitted
+to the excess over it: what the light model loses beyond being another good network. ``masked_kl`` is the
 step-importance experiment's measure: the mean KL(heavy || light) over all of a z_t's masked positions.
 """
 
@@ -33,16 +35,17 @@ class StepRecords:
     mask_fraction: torch.Tensor  # (N,) float64
     kl: torch.Tensor  # (N,) float64 path-KL increment of the light model at this step, nats
     features: torch.Tensor  # (N, F) float32, see ``adasched.sampling.features.feature_names``
+    floor: torch.Tensor | None = None  # (N,) float64 the seed baseline's increment at the same step and positions; None without one
 
     def __len__(self) -> int:
         return len(self.seed)
 
     @classmethod
     def concatenate(cls, parts: Sequence[StepRecords]) -> StepRecords:
-        return cls(**{f.name: torch.cat([getattr(p, f.name) for p in parts]) for f in fields(cls)})
+        return cls(**{f.name: None if getattr(parts[0], f.name) is None else torch.cat([getattr(p, f.name) for p in parts]) for f in fields(cls)})
 
     def select(self, index: torch.Tensor) -> StepRecords:
-        return StepRecords(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
+        return StepRecords(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[index] for f in fields(self)})
 
 
 def masked_kl(heavy: MDLMDenoiser, light: MDLMDenoiser, tokens: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -71,8 +74,10 @@ def rollout_records(
     heavy: int = 0,
     light: int = 1,
     on_step: Callable[[int], None] | None = None,
+    seed_baseline: MDLMDenoiser | None = None,
 ) -> StepRecords:
-    """Sample a row per seed with ``behaviour`` and record every ``record_every``-th step of the loop."""
+    """Sample a row per seed with ``behaviour`` and record every ``record_every``-th step of the loop (with the
+    ``seed_baseline``'s floor: one more forward per recorded step)."""
     meter = CostMeter([str(i) for i in range(len(models))], [m.config.n_blocks for m in models])
     path = EventTrajectory(models, seeds, spec, meter, features=behaviour.features | {ENTROPY}, probe_model=behaviour.probe_model)
     behaviour.reset(spec.num_steps, len(models))
@@ -81,11 +86,13 @@ def rollout_records(
         state = path.begin_step()
         if index % record_every == 0:
             tokens, reveal = path.open_step()
-            kl = step_kl([models[heavy], models[light]], tokens, state.t, reveal, torch.ones(len(tokens), dtype=torch.int64, device=tokens.device)).kl.cpu()
+            light_everywhere = torch.ones(len(tokens), dtype=torch.int64, device=tokens.device)
+            measured = step_kl([models[heavy], models[light]], tokens, state.t, reveal, light_everywhere, seed_baseline=seed_baseline)
             parts.append(
                 StepRecords(
                     seed=state.seeds.cpu(), step=state.step.cpu(), t=state.t.cpu(), mask_fraction=state.mask_fraction.double().cpu(),
-                    kl=kl, features=router_features(state, len(models)),
+                    kl=measured.kl.cpu(), features=router_features(state, len(models)),
+                    floor=None if measured.floor is None else measured.floor.cpu(),
                 )
             )
         action = behaviour.act(state)

@@ -2,7 +2,8 @@
 
 An arm is calibrated to its budget (if it has one), sampled on the run's seeds, decoded, scored by the
 evaluator and summarized in one record: quality (with paired differences to a reference arm when given),
-costs and wall clock. Every arm of a process runs after the same warm-up, so their wall clocks compare.
+costs and wall clock. Every arm of a process runs after the same warm-up, so their wall clocks compare. A router
+is never judged by the seed baseline it learned against (``check_judged_by_another_seed``).
 """
 
 from __future__ import annotations
@@ -106,19 +107,61 @@ def warm_up(models: list[MDLMDenoiser], spec: SamplingSpec) -> None:
         model.project(model.hidden_states(z, torch.ones(spec.batch_size, device=device))[:, :1])
 
 
-def seed_baseline_name(cfg: DictConfig) -> str | None:
-    """``eval.seed_baseline`` where path KL is measured, checked to name a model folder of the family, so a
-    typo fails before any model loads; None where no floor is measured."""
-    name = cfg.eval.seed_baseline if cfg.eval.path_kl else None
-    if name is None or name.startswith((HUB_PREFIX, LIGHTNING_PREFIX)):
-        return name
-    available = denoiser_names(Path(cfg.family.dir))
+def check_seed_baseline(key: str, name: str, family_dir: str, otherwise: str) -> None:
+    """A seed baseline (``key=name``) must name a model folder of the family (or an MDLM source), so a typo fails
+    before any model loads; ``otherwise`` says how to go without one."""
+    if name.startswith((HUB_PREFIX, LIGHTNING_PREFIX)):
+        return
+    available = denoiser_names(Path(family_dir))
     if name not in available:
         raise ConfigError(
-            f"eval.seed_baseline={name!r} names no denoiser folder in {cfg.family.dir}; choose from: "
-            f"{', '.join(available) or 'none (no denoiser folders there)'}, or pass eval.seed_baseline=null to measure path KL without its floor"
+            f"{key}={name!r} names no denoiser folder in {family_dir}; choose from: "
+            f"{', '.join(available) or 'none (no denoiser folders there)'}, or {otherwise}"
         )
+
+
+def seed_baseline_name(cfg: DictConfig) -> str | None:
+    """``eval.seed_baseline`` where path KL is measured, checked; None where no floor is measured."""
+    name = cfg.eval.seed_baseline if cfg.eval.path_kl else None
+    if name is not None:
+        check_seed_baseline("eval.seed_baseline", name, cfg.family.dir, "pass eval.seed_baseline=null to measure path KL without its floor")
     return name
+
+
+def training_seed_baseline(options: DictConfig, prefix: str, family_dir: str) -> str | None:
+    """The seed baseline a router's ``excess`` objective subtracts (``<prefix>seed_baseline``), checked before any
+    model loads; None for ``raw``, which learns path KL itself. ``options`` holds ``objective`` and ``seed_baseline``."""
+    if options.objective == "raw":
+        return None
+    otherwise = f"pass {prefix}objective=raw to learn path KL itself"
+    if options.seed_baseline is None:
+        raise ConfigError(f"{prefix}objective=excess subtracts a seed baseline's increment: set {prefix}seed_baseline to a heavy from another seed, or {otherwise}")
+    check_seed_baseline(f"{prefix}seed_baseline", options.seed_baseline, family_dir, otherwise)
+    return options.seed_baseline
+
+
+def check_judged_by_another_seed(cfg: DictConfig, label: str, policy: Policy) -> None:
+    """Refuse, before any model loads, to judge a router by the seed baseline it was fitted or trained against: its
+    excess over that floor is what it learned to minimize, so the run's excess would flatter it."""
+    judge = cfg.eval.seed_baseline if cfg.eval.path_kl else None
+    if judge is None or policy.trained_against != judge:
+        return
+    other = cfg.family.seed_baseline if cfg.family.seed_baseline not in (None, judge) else "<a heavy from another seed>"
+    raise ConfigError(
+        f"policy {label} was trained against {judge}; judge it with another seed baseline (eval.seed_baseline={other}) or eval.seed_baseline=null"
+    )
+
+
+def load_members(
+    family_dir: str, members: list[str], seed_baseline: str | None, precision: str, device: torch.device
+) -> tuple[list[MDLMDenoiser], MDLMDenoiser | None]:
+    """The members in order and the seed baseline, on ``device``: checked as one family (its floor is measured at
+    the members' tokens), the baseline loaded once where it is also a member."""
+    paths = {name: Path(family_dir) / name for name in members}
+    if seed_baseline is not None:
+        paths[seed_baseline] = Path(family_dir) / seed_baseline
+    loaded = load_family(paths, precision)
+    return [loaded[name].to(device) for name in members], None if seed_baseline is None else loaded[seed_baseline].to(device)
 
 
 def load_setting(cfg: DictConfig, trainer: L.Trainer | None = None) -> ArmSetting:
@@ -130,12 +173,7 @@ def load_setting(cfg: DictConfig, trainer: L.Trainer | None = None) -> ArmSettin
     names = list(cfg.family.members)
     precision = sampling_precision(cfg)
     print(f"sampling precision: {precision}" + (f" ({cfg.sampling.precision}: chosen for {device})" if precision != cfg.sampling.precision else ""))
-    paths = {name: Path(cfg.family.dir) / name for name in names}
-    if baseline is not None:
-        paths[baseline] = Path(cfg.family.dir) / baseline  # checked with the members; loaded once where it is one
-    loaded = load_family(paths, precision)
-    models = [loaded[name].to(device) for name in names]
-    seed_baseline = None if baseline is None else loaded[baseline].to(device)
+    models, seed_baseline = load_members(cfg.family.dir, names, baseline, precision, device)
     tokenizer = load_tokenizer(cfg.family.tokenizer)
     prompts = prompts_for(cfg, tokenizer, seeds)
     spec.check(models, prompts)
@@ -156,10 +194,13 @@ def calibrate_to_budget(setting: ArmSetting, label: str, policy: Policy) -> Cali
 
 
 def calibration_record(cfg: DictConfig, calibration: Calibration) -> dict[str, Any]:
-    """What a record keeps of a calibration: the knob found, its saving and every try, on which seeds."""
+    """What a record keeps of a calibration: the knob found, its saving and every try with its sampling time
+    (how many tries a budget took, and what they cost), on which seeds."""
     return {
         "knob": calibration.knob, "saved_executed": calibration.saved_executed, "target": calibration.target,
-        "seed": cfg.calibration.seed, "num_samples": cfg.calibration.num_samples, "tries": calibration.history,
+        "seed": cfg.calibration.seed, "num_samples": cfg.calibration.num_samples,
+        "tries": [{"knob": t.knob, "saved_executed": t.saved, "seconds": t.seconds} for t in calibration.history],
+        "seconds": sum(t.seconds for t in calibration.history),
     }
 
 

@@ -18,6 +18,7 @@ from adasched.analysis.run_logging import log_run, samples_table
 from adasched.io import write_json_atomic
 from adasched.jobs.arms import (
     PER_SAMPLE_KEYS,
+    check_judged_by_another_seed,
     evaluate_arm,
     heldout_text_record,
     load_setting,
@@ -40,6 +41,7 @@ def parallel_trainer(cfg: DictConfig) -> L.Trainer | None:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     policy = instantiate(cfg.policy)  # first: a bad policy value fails before any model loads
+    check_judged_by_another_seed(cfg, cfg.policy.name, policy)
     spec = sampling_spec(cfg)
     policy.reset(spec.num_steps, len(cfg.family.members))  # a schedule that does not fit the steps fails here too
     setting = load_setting(cfg, parallel_trainer(cfg))

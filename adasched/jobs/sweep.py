@@ -34,6 +34,7 @@ from adasched.errors import ConfigError
 from adasched.io import write_json_atomic, write_text_atomic
 from adasched.jobs.arms import (
     PER_SAMPLE_KEYS,
+    check_judged_by_another_seed,
     evaluate_arm,
     load_setting,
     sampling_precision,
@@ -106,8 +107,9 @@ def sweep(cfg: DictConfig) -> list[dict[str, Any]]:
     """Run every unfinished arm of this shard, then write its report; returns the table's rows."""
     arms = expand_arms(cfg.experiment)
     spec = sampling_spec(cfg)
-    for arm in arms:  # a schedule that does not fit the steps or the family fails before any model loads
+    for arm in arms:  # a schedule that does not fit the steps or the family, or a router judged by its own seed, fails before any model loads
         arm.policy.reset(spec.num_steps, len(cfg.family.members))
+        check_judged_by_another_seed(cfg, arm.label, arm.policy)
     run_dir = Path(cfg.run_dir)
     settings = sweep_settings(cfg)
     log = ArmLog(run_dir, settings)

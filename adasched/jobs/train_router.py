@@ -35,7 +35,7 @@ from adasched.data.tokenizer import load_tokenizer
 from adasched.errors import ConfigError
 from adasched.io import atomic_path, write_json_atomic, write_text_atomic
 from adasched.compute import resolve_device, resolve_precision
-from adasched.models.family import load_family
+from adasched.jobs.arms import load_members, training_seed_baseline
 from adasched.rl.env import (
     EpisodeConfig,
     LagrangeMultiplier,
@@ -233,11 +233,12 @@ def export_router(model: PPO, export_dir: Path, info: dict[str, Any], curve: Pat
 def train_router(cfg: DictConfig) -> dict[str, Any]:
     """Train PPO against the budget's Lagrangian; returns the JSON written next to the exported router."""
     torch.set_num_threads(cfg.torch_threads)
+    baseline = training_seed_baseline(cfg.env, "env.", cfg.family.dir)
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.sampling.precision, device)
     print(f"sampling precision: {precision}")
-    family_dir, members = Path(cfg.family.dir), list(cfg.family.members)
-    models = [m.to(device) for m in load_family({name: family_dir / name for name in members}, precision).values()]
+    members = list(cfg.family.members)
+    models, seed_baseline = load_members(cfg.family.dir, members, baseline, precision, device)
     score = None
     if cfg.env.quality_weight:  # the evaluator term is optional: path KL is the quality reward
         evaluator, evaluator_tokenizer = load_evaluator(cfg.eval.ppl_model, device, cfg.eval.tokenizer_path)
@@ -251,7 +252,7 @@ def train_router(cfg: DictConfig) -> dict[str, Any]:
         state["lambda"], cfg.env.lambda_lr, cfg.budget, cfg.env.lambda_lr_decay, cfg.env.lambda_kp, state.get("lambda_updates", 0), state.get("lambda_integral")
     )
     spec = SamplingSpec(cfg.sampling.num_steps, cfg.sampling.seq_len, cfg.env.num_envs, cfg.sampling.top_p)
-    episodes = EpisodeConfig(models, spec, cfg.budget, multiplier, score, cfg.env.quality_weight, cfg.env.budget_penalty)
+    episodes = EpisodeConfig(models, spec, cfg.budget, multiplier, score, cfg.env.quality_weight, cfg.env.budget_penalty, seed_baseline)
     env = ModelScheduleVecEnv(episodes, cfg.env.num_envs, seed=cfg.seed)
     # Rewards are divided by the running scale of the returns: unscaled, a return of -lambda x ~seq_len heavy
     # forwards makes the value loss so large that PPO's gradient clipping leaves the policy's gradient ~0.
@@ -280,6 +281,8 @@ def train_router(cfg: DictConfig) -> dict[str, Any]:
         "num_models": len(models),
         "family": {"name": cfg.family.name, "members": members},
         "budget": cfg.budget,
+        "objective": cfg.env.objective,
+        "seed_baseline": baseline,  # the floor it was trained against: runs refuse to judge it with the same one
         "lambda": multiplier.value,
         "training_curve": CURVE_FILE,
         "convergence": convergence(curve.rows),

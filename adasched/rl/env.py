@@ -19,6 +19,11 @@ term) then ends each episode with ``-budget_penalty / 2 * (saving - budget)**2``
 the target that makes the target itself the best of that range. It is charged at the end, not on the running
 saving: PPO's advantages look only ~20 steps ahead, so a running penalty taught it flat schedules.
 The evaluator's NLL of a finished sample can be added at the episode's end (``quality_weight``, off by default).
+
+Path KL charges for being another network, not only a worse one. With a ``seed_baseline`` (a heavy from another
+seed: the ``excess`` objective) the quality term of a step is instead minus the chosen model's increment less the
+seed baseline's at the same positions (its floor), so the agent is no longer taught to avoid steps where any
+other good network departs from the heavy. The episodes' reported path KL stays the raw one.
 """
 
 from __future__ import annotations
@@ -115,6 +120,7 @@ class EpisodeConfig:
     score: Scorer | None = None  # the evaluator's NLL of finished samples; needed when quality_weight > 0
     quality_weight: float = 0.0  # terminal reward -quality_weight * NLL (nats/token)
     budget_penalty: float = 0.0  # terminal reward -budget_penalty / 2 * (the row's saving - budget)**2, in nats
+    seed_baseline: MDLMDenoiser | None = None  # the excess objective's floor (never a choice); None: the raw path KL
 
 
 class RowBatch:
@@ -162,10 +168,12 @@ class RowBatch:
             path.enqueue(self.new_seeds(len(ending)))  # starts in the ending rows' slots as they free
         with torch.inference_mode():
             tokens, reveal = path.open_step()
-            kl = step_kl(config.models, tokens, self.state.t, reveal, action.to(tokens.device), self.spec.top_p).kl.cpu()
+            measured = step_kl(config.models, tokens, self.state.t, reveal, action.to(tokens.device), self.spec.top_p, config.seed_baseline)
+            kl = measured.kl.cpu()
+            loss = kl if measured.floor is None else kl - measured.floor.cpu()
             output = path.advance(action)
             self.episode_kl += kl
-            rewards = -kl - config.multiplier.value * output.flops.cpu() / self.heavy_full
+            rewards = -loss - config.multiplier.value * output.flops.cpu() / self.heavy_full
             infos: list[dict[str, float]] = [{} for _ in range(self.num_rows)]
             if ending:
                 nll = config.score(path.tokens_out[samples, path.prefix_len :]).cpu() if config.score is not None else None
@@ -215,7 +223,8 @@ class ModelScheduleEnv(gymnasium.Env):
 
     ## Rewards
     Each step earns ``-KL - lambda * executed FLOPs / FLOPs of a full heavy forward``, where KL is the step's
-    path-KL increment (0 for the heavy model). With ``quality_weight > 0`` the last step also earns
+    path-KL increment (0 for the heavy model), less the seed baseline's at the same positions where the config
+    has one (the excess objective). With ``quality_weight > 0`` the last step also earns
     ``-quality_weight * NLL`` of the finished sample under the scorer (the autoregressive evaluator).
     ``lambda`` is a Lagrange multiplier updated from the executed saving of finished episodes.
 

@@ -75,6 +75,9 @@ class Policy(ABC):
     features: ClassVar[frozenset[str]] = frozenset()
     budget: float | None = None  # target fraction of FLOPs saved; policies without one leave it None
     probe_model: int | None = None  # the model a PROBE_ENTROPY policy has the sampler run before it decides
+    # The seed baseline a router learned the excess over (a heavy from another seed), None for the rest: judged
+    # with that same floor a router would be graded on its own training signal, so runs refuse it.
+    trained_against: str | None = None
 
     def reset(self, num_steps: int, num_models: int) -> None:
         """Start a run of ``num_steps`` steps over a family of ``num_models``; check the policy fits it."""
