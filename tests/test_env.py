@@ -100,7 +100,7 @@ def test_the_excess_objective_charges_only_what_the_chosen_model_loses_beyond_th
     assert raw_summary["path_kl"] > 0 and sum(raw_rewards) == pytest.approx(-raw_summary["path_kl"])  # raw: minus the path KL, as before
     rewards, summary, _ = episode(dataclasses.replace(raw, seed_baseline=raw.models[1]), 1)  # the light model as its own floor
     assert rewards == [0.0] * len(raw_rewards) and summary["path_kl"] == raw_summary["path_kl"]  # no quality term; the reported path KL stays raw
-    seed = load_family({name: tiny_family / name for name in ("heavy", "heavy_seed2")})["heavy_seed2"]
+    seed = load_family({name: tiny_family / name for name in ("heavy", "heavy_seed3")})["heavy_seed3"]
     rewards, summary, env = episode(dataclasses.replace(raw, seed_baseline=seed), 1)
     path = env.rows.path
     replayed = path_kl(raw.models, path.tokens_out[:1], path.plan[:1], path.actions_out[:, :1], seed_baseline=seed)
@@ -218,8 +218,8 @@ def test_at_a_price_above_any_kl_ppo_learns_to_run_the_light_model(tiny_family: 
 
 def test_an_excess_router_records_the_seed_baseline_it_was_trained_against(tiny_family: Path, tmp_path: Path) -> None:
     info = train_router(router_config(tiny_family, tmp_path, "env.objective=excess", "ppo.total_timesteps=64"))
-    assert info["objective"] == "excess" and info["seed_baseline"] == "heavy_seed2"
-    assert make_policy("learned_router", path=str(tmp_path / "router")).trained_against == "heavy_seed2"
+    assert info["objective"] == "excess" and info["seed_baseline"] == "heavy_seed3"
+    assert make_policy("learned_router", path=str(tmp_path / "router")).trained_against == "heavy_seed3"
     folders = {objective: compose_config("train_router", [f"env.objective={objective}"]) for objective in ("raw", "excess")}
     assert Path(folders["raw"].export_dir).parent.name == "learned_router" and folders["raw"].run_name.startswith("learned_router-")
     assert Path(folders["excess"].export_dir).parent.name == "learned_router_excess" and folders["excess"].run_name.startswith("learned_router_excess-")

@@ -68,9 +68,9 @@ def test_the_excess_fit_learns_signed_targets_and_its_knob_reaches_below_zero(mo
     model, metadata = fit(examples(floored.features, excess, 2), objective="excess", steps=100)
     assert metadata["loss"] == "mse_signed_log1p_excess_kl" and metadata["train_mse"] < 0.5 * metadata["train_mse_initial"]
     assert metadata["min_predicted_kl"] < min(0.0, metadata["max_predicted_kl"])  # raw's knob starts at 0: this one lower
-    save(model, tmp_path, 2, metadata, "heavy_seed2")
+    save(model, tmp_path, 2, metadata, "heavy_seed3")
     policy = make_policy("kl_router", path=str(tmp_path))
-    assert policy.knob_range == (metadata["min_predicted_kl"], metadata["max_predicted_kl"]) and policy.trained_against == "heavy_seed2"
+    assert policy.knob_range == (metadata["min_predicted_kl"], metadata["max_predicted_kl"]) and policy.trained_against == "heavy_seed3"
     inputs = examples(floored.features, excess, 2)[0]
     assert torch.equal(policy.model.predict_kl(inputs), model.predict_kl(inputs)) and (model.predict_kl(inputs) < 0).any()
     check_policy(policy, num_models=2)
@@ -127,9 +127,9 @@ def test_the_excess_fit_job_subtracts_the_seed_baselines_floor_and_records_it(ti
 
     metadata = fit_kl_router(fit_kl_router_config(tiny_family, tmp_path / "router", "objective=excess"))
     model, saved = load(tmp_path / "router")
-    assert saved["objective"] == model.objective == "excess" and saved["seed_baseline"] == "heavy_seed2"
+    assert saved["objective"] == model.objective == "excess" and saved["seed_baseline"] == "heavy_seed3"
     assert saved["fit"]["loss"] == metadata["loss"] == "mse_signed_log1p_excess_kl" and saved["fit"]["excess_mean"] < saved["fit"]["kl_mean"]
-    assert make_policy("kl_router", path=str(tmp_path / "router")).trained_against == "heavy_seed2"
+    assert make_policy("kl_router", path=str(tmp_path / "router")).trained_against == "heavy_seed3"
 
 
 def test_the_excess_objectives_default_folder_is_its_own() -> None:

@@ -32,7 +32,7 @@ def test_every_registered_policy_has_a_config_and_passes_the_checker() -> None:
         chosen = [f"policy.path={ROOT}/checkpoints/shakespeare/routers/learned_router/budget0.17"] if config == "learned_router" else []
         policy_config = compose_config("run", [f"policy={config}", *chosen]).policy
         assert policy_config.name in registered_policies()
-        if "path" in policy_config and not Path(policy_config.path).exists():  # a router fitted once its inputs exist (kl_router_excess: heavy_seed2)
+        if "path" in policy_config and not Path(policy_config.path).exists():  # a router fitted once its inputs exist (kl_router_excess: heavy_seed3)
             with pytest.raises(ConfigError, match=f"no fitted KL router at {policy_config.path}; create it with: python experiments/fit_kl_router.py"):
                 make_policy(policy_config.name, path=policy_config.path)
             continue

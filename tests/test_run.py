@@ -110,7 +110,7 @@ def test_a_seed_baseline_with_no_folder_fails_on_one_line_before_any_model_loads
     with pytest.raises(ConfigError) as error:
         run(run_config(tiny_family, tmp_path, "eval.seed_baseline=heavy_seed9"))
     message = str(error.value)
-    assert message.startswith(f"eval.seed_baseline='heavy_seed9' names no denoiser folder in {tiny_family}; choose from: heavy, heavy_seed1, heavy_seed2, light")
+    assert message.startswith(f"eval.seed_baseline='heavy_seed9' names no denoiser folder in {tiny_family}; choose from: heavy, heavy_seed1, heavy_seed3, light")
     assert "\n" not in message and "sampling precision" not in capsys.readouterr().out  # nothing loaded
     run(run_config(tiny_family, tmp_path, "policy=static_heavy", "eval.seed_baseline=heavy_seed9", "eval.path_kl=false", "eval.compare_to_heavy=false"))
 
@@ -118,13 +118,13 @@ def test_a_seed_baseline_with_no_folder_fails_on_one_line_before_any_model_loads
 def test_a_router_is_judged_by_another_seed_baseline_than_the_one_it_was_fitted_against(
     tiny_family: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    fit_kl_router(fit_kl_router_config(tiny_family, tmp_path / "router", "objective=excess"))  # against heavy_seed2
+    fit_kl_router(fit_kl_router_config(tiny_family, tmp_path / "router", "objective=excess"))  # against heavy_seed3
     capsys.readouterr()
     router = ("policy=kl_router_excess", f"policy.path={tmp_path / 'router'}", "eval.compare_to_heavy=false")
     with pytest.raises(ConfigError) as error:
-        run(run_config(tiny_family, tmp_path / "refused", *router, "eval.seed_baseline=heavy_seed2"))
+        run(run_config(tiny_family, tmp_path / "refused", *router, "eval.seed_baseline=heavy_seed3"))
     assert str(error.value) == (
-        "policy kl_router was trained against heavy_seed2; judge it with another seed baseline (eval.seed_baseline=heavy_seed1) or eval.seed_baseline=null"
+        "policy kl_router was trained against heavy_seed3; judge it with another seed baseline (eval.seed_baseline=heavy_seed1) or eval.seed_baseline=null"
     )
     assert "sampling precision" not in capsys.readouterr().out and not (tmp_path / "refused").exists()  # nothing loaded
     results = run(run_config(tiny_family, tmp_path / "judged", *router))  # the family's seed baseline, heavy_seed1
@@ -222,7 +222,7 @@ def test_the_floor_is_what_the_seed_costs_when_it_runs_the_light_slots(tmp_path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("other", ["heavy_seed2"])
+@pytest.mark.parametrize("other", ["heavy_seed3"])
 def test_the_floor_does_not_depend_on_which_other_seed_measures_it(other: str, tmp_path: Path) -> None:
     assert (SHIPPED / other / "model.safetensors").is_file(), (
         f"{SHIPPED / other} is missing: train it (make family-{other}) before running this test; it is never skipped"

@@ -138,4 +138,4 @@ def test_bad_values_fail_with_a_one_line_config_error(override: str, expected: s
     message = str(error.value)
     assert expected in message and "\n" not in message
     if "names" in expected:
-        assert message.endswith("choose from: heavy, heavy_seed1, heavy_seed2, light")
+        assert message.endswith("choose from: heavy, heavy_seed1, heavy_seed3, light")

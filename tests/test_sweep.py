@@ -189,14 +189,14 @@ def test_a_bad_budget_or_reference_fails_before_sampling(tiny_family: Path, tmp_
 
 def test_an_arm_judged_by_the_seed_baseline_its_router_was_fitted_against_stops_the_sweep_before_sampling(tiny_family: Path, tmp_path: Path) -> None:
     router = tmp_path / "router"
-    fit_kl_router(fit_kl_router_config(tiny_family, router, "objective=excess"))  # against heavy_seed2
-    cfg = sweep_config(tiny_family, tmp_path / "run", "experiment.budgets=[0.2]", "experiment.reference=null", "eval.seed_baseline=heavy_seed2")
+    fit_kl_router(fit_kl_router_config(tiny_family, router, "objective=excess"))  # against heavy_seed3
+    cfg = sweep_config(tiny_family, tmp_path / "run", "experiment.budgets=[0.2]", "experiment.reference=null", "eval.seed_baseline=heavy_seed3")
     with open_dict(cfg):
         cfg.experiment.arms = {
             "static_heavy": cfg.experiment.arms.static_heavy,
             "kl_router_excess": {"_target_": "policies.make_policy", "name": "kl_router", "path": str(router), "budget": None},
         }
-    with pytest.raises(ConfigError, match=r"^policy kl_router_excess@0.2 was trained against heavy_seed2; judge it with another seed baseline"):
+    with pytest.raises(ConfigError, match=r"^policy kl_router_excess@0.2 was trained against heavy_seed3; judge it with another seed baseline"):
         sweep(cfg)
     assert not (tmp_path / "run" / "arms.jsonl").exists()
 
