@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from omegaconf import open_dict
+from omegaconf import DictConfig, open_dict
 
 from adasched.analysis.arm_log import content_digest
 from adasched.analysis.plots import plot_arms
@@ -61,11 +61,17 @@ def test_every_arm_runs_at_every_budget_and_pairs_with_the_reference(tiny_family
     assert (tmp_path / "quality_vs_compute.png").stat().st_size > 1000 and (tmp_path / "path_kl_per_step.png").stat().st_size > 1000
 
 
-def test_a_finished_sweep_pairs_against_any_of_its_arms_without_resampling(tiny_family: Path, tmp_path: Path) -> None:
-    cfg = sweep_config(tiny_family, tmp_path, "experiment.budgets=[0.2]")
+def three_arm_sweep_config(family: Path, run_dir: Path) -> DictConfig:
+    """The sweep's first three arms (heavy, sandwich, mask fraction) at one budget: enough to pair arms."""
+    cfg = sweep_config(family, run_dir, "experiment.budgets=[0.2]")
     with open_dict(cfg):
         for name in ARMS[3:]:
             cfg.experiment.arms.pop(name)
+    return cfg
+
+
+def test_a_finished_sweep_pairs_against_any_of_its_arms_without_resampling(tiny_family: Path, tmp_path: Path) -> None:
+    cfg = three_arm_sweep_config(tiny_family, tmp_path)
     by_label = {row["label"]: row for row in sweep(cfg)}
     repaired = {row["label"]: row for row in pair_against(tmp_path, "mask_fraction_router")}
     assert repaired["mask_fraction_router@0.2"]["verdict"] == "reference"
@@ -89,10 +95,7 @@ def without_floor(record: dict) -> dict:
 
 
 def test_arms_logged_before_the_floor_still_pair_and_tabulate(tiny_family: Path, tmp_path: Path) -> None:
-    cfg = sweep_config(tiny_family, tmp_path, "experiment.budgets=[0.2]")
-    with open_dict(cfg):
-        for name in ARMS[3:]:
-            cfg.experiment.arms.pop(name)
+    cfg = three_arm_sweep_config(tiny_family, tmp_path)
     measured = {row["label"]: row for row in sweep(cfg)}
     lines = [json.loads(line) for line in (tmp_path / "arms.jsonl").read_text().splitlines()]
     (tmp_path / "arms.jsonl").write_text("".join(json.dumps(without_floor(line) if line["arm"] == "static_sandwich" else line) + "\n" for line in lines))
