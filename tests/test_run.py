@@ -161,6 +161,20 @@ def run_cli(*overrides: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / "experiments" / "run.py"), *overrides], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
 
 
+def test_a_multirun_gives_each_policy_config_its_own_folder(tiny_family: Path, tmp_path: Path) -> None:
+    """kl_router and kl_router_excess are one policy in two configs: their runs must not share a folder."""
+    checkpoints = tmp_path / "checkpoints"
+    for objective, folder in (("raw", "kl_router"), ("excess", "kl_router_excess")):
+        fit_kl_router(fit_kl_router_config(tiny_family, checkpoints / "shakespeare" / "routers" / folder, f"objective={objective}"))
+    result = run_cli(
+        "-m", "policy=kl_router,kl_router_excess", f"paths.checkpoints={checkpoints}", f"family.dir={tiny_family}",
+        "sampling.num_samples=2", "sampling.num_steps=10", "sampling.seq_len=16", "eval.compare_to_heavy=false", "device=cpu",
+        "logger.mode=disabled", f"hydra.sweep.dir={tmp_path / 'multirun'}",
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted(path.parent.name for path in (tmp_path / "multirun").glob("*/results.json")) == ["kl_router", "kl_router_excess"]
+
+
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
