@@ -39,6 +39,18 @@ def test_sandwich_is_calibrated_to_a_budget_that_holds_on_held_out_seeds() -> No
     assert abs(held_out - 0.3) <= HELD_OUT_TOLERANCE
 
 
+def test_in_prefix_mode_the_tries_sample_the_prompted_calibration_seeds() -> None:
+    """A prompt's positions are revealed from the start, so a knob saves another share on prompted samples:
+    the tries must continue the prompts, as evaluation does."""
+    models = family()
+    prompts = torch.randint(0, models[0].config.mask_token_id, (len(CALIBRATION_SEEDS), LENGTH // 4), generator=torch.Generator().manual_seed(0))
+    policy = make_policy("static_sandwich", budget=0.3)
+    found = calibrate(policy, models, CALIBRATION_SEEDS, SPEC, tolerance=0.01, prompts=prompts)
+    assert abs(found.saved_executed - 0.3) <= 0.01
+    assert found.saved_executed == executed_saving(policy, models, CALIBRATION_SEEDS, SPEC, prompts)
+    assert found.saved_executed != executed_saving(policy, models, CALIBRATION_SEEDS, SPEC)
+
+
 @pytest.mark.parametrize("budget", [0.0, 1.0, -0.2, 1.5])
 def test_a_budget_outside_the_unit_interval_fails_by_name(budget: float) -> None:
     with pytest.raises(ConfigError, match=f"budget={budget} is invalid"):

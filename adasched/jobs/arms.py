@@ -183,14 +183,16 @@ def load_setting(cfg: DictConfig, trainer: L.Trainer | None = None) -> ArmSettin
 
 
 def calibrate_to_budget(setting: ArmSetting, label: str, policy: Policy) -> Calibration | None:
-    """Fit a calibratable policy's knob to its budget on the calibration seeds (none of the evaluation's)."""
+    """Fit a calibratable policy's knob to its budget on the calibration seeds (none of the evaluation's), each
+    continuing a held-out prompt in prefix mode as the evaluation's samples do."""
     cfg = setting.cfg
     if not isinstance(policy, Calibratable) or policy.budget is None:
         return None
     check_disjoint_seeds(cfg.seed, cfg.sampling.num_samples, cfg.calibration.seed, cfg.calibration.num_samples)
     print(f"calibrating {label} to save {policy.budget:.1%} of executed FLOPs on {cfg.calibration.num_samples} calibration samples")
     seeds = cfg.calibration.seed + torch.arange(cfg.calibration.num_samples)
-    return calibrate(policy, setting.models, seeds, setting.spec, cfg.calibration.tolerance)
+    prompts = prompts_for(cfg, setting.tokenizer, seeds)
+    return calibrate(policy, setting.models, seeds, setting.spec, cfg.calibration.tolerance, prompts=prompts)
 
 
 def calibration_record(cfg: DictConfig, calibration: Calibration) -> dict[str, Any]:

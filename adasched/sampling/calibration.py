@@ -174,18 +174,23 @@ class CostsOnly(EventTrajectory):
         return torch.full((len(rows.slots),), float("nan"), dtype=torch.float64, device=self.device)
 
 
-def executed_saving(policy: Policy, models: Sequence[MDLMDenoiser], seeds: torch.Tensor, spec: SamplingSpec) -> float:
-    """The executed FLOPs saving of ``policy`` on one sample per seed; without forwards where it reads no model output."""
+def executed_saving(
+    policy: Policy, models: Sequence[MDLMDenoiser], seeds: torch.Tensor, spec: SamplingSpec, prompts: torch.Tensor | None = None
+) -> float:
+    """The executed FLOPs saving of ``policy`` on one sample per seed (each continuing its prompt, if given);
+    without forwards where the policy reads no model output."""
     meter = CostMeter([str(i) for i in range(len(models))], [m.config.n_blocks for m in models])
     sampler = sample if policy.features else partial(sample, trajectory_type=CostsOnly)
-    generate(models, policy, seeds, spec, meter, sampler=sampler, progress=False)
+    generate(models, policy, seeds, spec, meter, prompts=prompts, sampler=sampler, progress=False)
     return meter.saved_executed()
 
 
-def run_try(policy: Policy, models: Sequence[MDLMDenoiser], seeds: torch.Tensor, spec: SamplingSpec) -> tuple[float, Replay | None]:
+def run_try(
+    policy: Policy, models: Sequence[MDLMDenoiser], seeds: torch.Tensor, spec: SamplingSpec, prompts: torch.Tensor | None = None
+) -> tuple[float, Replay | None]:
     """The executed saving of ``policy`` at its current knob on the calibration seeds, and the replay of its states."""
     recording = Recording(policy)
-    saved = executed_saving(recording, models, seeds, spec)
+    saved = executed_saving(recording, models, seeds, spec, prompts)
     return saved, Replay(policy, recording.states, models, spec) if recording.states else None
 
 
@@ -229,9 +234,12 @@ def calibrate(
     spec: SamplingSpec,
     tolerance: float = 0.005,
     max_tries: int = 12,
+    prompts: torch.Tensor | None = None,
 ) -> Calibration:
     """Search ``policy``'s knob until its executed saving is within ``tolerance`` of ``policy.budget``.
 
+    ``prompts`` (one per seed) make the tries continue them, as evaluation does in prefix mode: a prompt's
+    positions are revealed from the start, so fewer steps decide and the same knob saves a different share.
     Leaves the policy set to the best knob found; refuses a budget outside what the knob's range can reach.
     """
     if policy.budget is None:
@@ -251,7 +259,7 @@ def calibrate(
         nonlocal last_side
         policy.set_knob(knob)
         clock = time.perf_counter()
-        saved, replay = run_try(policy, models, seeds, spec)
+        saved, replay = run_try(policy, models, seeds, spec, prompts)
         history.append(Try(knob, saved, time.perf_counter() - clock))
         replays.append(replay)
         print(f"  calibration try {len(history)}: knob {knob:.4g} saves {saved:.2%} (target {target:.2%})", flush=True)
