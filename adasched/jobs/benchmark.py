@@ -151,7 +151,7 @@ def check_size(name: str, spec: DictConfig) -> None:
 def check_budgets_whole(name: str, spec: DictConfig, policies: list[TimedPolicy]) -> None:
     """A budget is a saving over a whole run: a size that times a slice cannot calibrate one."""
     whole = spec.slice_start == 0 and spec.steps_timed in (None, spec.num_steps)
-    budgeted = [policy.label for policy in policies if getattr(policy.make(), "budget", None) is not None]
+    budgeted = [policy.label for policy in policies if policy.budget is not None]
     if budgeted and not whole:
         raise ConfigError(f"size {name} times a slice, but policy {budgeted[0]} has a budget: time budgets on whole trajectories")
 
@@ -205,12 +205,13 @@ def depths(size: Size) -> list[int]:
 
 @dataclasses.dataclass
 class TimedPolicy:
-    """A policy as the benchmark times it: its label in the tables, its name and settings, and the knob its
-    budget calibrated to (None: none to calibrate)."""
+    """A policy as the benchmark times it: its label in the tables, its name and settings, its budget, and the
+    knob that budget calibrated to (None: none to calibrate)."""
 
     label: str
     name: str
     kwargs: dict[str, Any]
+    budget: float | None = None
     knob: float | None = None
 
     def make(self) -> Policy:
@@ -228,7 +229,7 @@ def timed_policies(config: dict[str, dict[str, Any]]) -> list[TimedPolicy]:
     for label, settings in entries.items():
         kwargs = dict(settings)
         policy = TimedPolicy(label, kwargs.pop("policy", label), kwargs)
-        policy.make()
+        policy.budget = getattr(policy.make(), "budget", None)
         policies.append(policy)
     return policies
 
@@ -243,8 +244,10 @@ def calibrate_policies(size: Size, policies: list[TimedPolicy], calibration: Dic
     """Fit the knob of every policy with a budget on the calibration seeds, at the size's shape and precision."""
     found: dict[str, dict[str, Any]] = {}
     for policy in policies:
+        if policy.budget is None or policy.knob is not None:
+            continue
         instance = policy.make()
-        if policy.knob is not None or not isinstance(instance, Calibratable) or instance.budget is None:
+        if not isinstance(instance, Calibratable):
             continue
         print(f"calibrating {policy.label} to save {instance.budget:.1%} of executed FLOPs on {calibration.num_samples} calibration samples")
         seeds = calibration.seed + torch.arange(calibration.num_samples, device=next(size.models[0].parameters()).device)
