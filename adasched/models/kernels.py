@@ -8,6 +8,7 @@ fuses the GELU into that matmul. Both replacements are for inference; training k
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -52,6 +53,7 @@ class Kernels:
 DEFAULT = Kernels(F.scaled_dot_product_attention, eager_mlp_in)
 
 
+@functools.cache
 def has_fused_mlp_in() -> bool:
     """oneDNN's fused linear is in CPU builds of torch with mkldnn; a build without it keeps the eager pair."""
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
