@@ -101,7 +101,7 @@ def test_without_a_seed_baseline_path_kl_stands_alone_and_tables_leave_the_floor
     printed = capsys.readouterr().out
     assert "path KL to heavy" in printed and "excess over seed" not in printed
     [row] = table_rows(load_rows(find_results([tmp_path])))
-    assert row["path_kl"] > 0 and [row[key] for key in ("path_kl_floor", "path_kl_floor_ci95", "path_kl_excess", "path_kl_excess_ci95")] == [""] * 4
+    assert row["path_kl"] > 0 and [row[key] for key in ("path_kl_floor", "path_kl_floor_ci95", "path_kl_excess", "path_kl_excess_ci95", "floor_share_%")] == [""] * 5
 
 
 def test_a_seed_baseline_with_no_folder_fails_on_one_line_before_any_model_loads(

@@ -52,6 +52,7 @@ def test_every_arm_runs_at_every_budget_and_pairs_with_the_reference(tiny_family
             assert row["verdict"] in ("better", "worse", "tie") and row["diff_ci95"] > 0
             assert row["path_kl_verdict"] in ("better", "worse", "tie") and row["path_kl"] >= 0
             assert row["path_kl_excess_verdict"] in ("better", "worse", "tie") and row["path_kl_floor"] >= 0
+            assert row["floor_share_%"] == (round(100 * row["path_kl_floor"] / row["path_kl"], 1) if row["path_kl"] else "")
         for arm in ARMS[1:3]:  # (random tiny models give entropies too alike to calibrate the entropy routers)
             assert abs(by_label[f"{arm}@{budget}"]["saved_executed_%"] / 100 - budget) < 0.05  # held-out seeds
     assert by_label["static_heavy"]["saved_executed_%"] == 0 and by_label["static_heavy"]["verdict"] == ""

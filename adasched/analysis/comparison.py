@@ -14,7 +14,9 @@ import torch
 from adasched.analysis.evaluation import paired_difference
 from adasched.errors import ConfigError
 
-PATH_KL_COLUMNS = ("path_kl", "path_kl_ci95", "path_kl_floor", "path_kl_floor_ci95", "path_kl_excess", "path_kl_excess_ci95")
+PATH_KL_COLUMNS = (
+    "path_kl", "path_kl_ci95", "path_kl_floor", "path_kl_floor_ci95", "path_kl_excess", "path_kl_excess_ci95", "floor_share_%",
+)
 COLUMNS = ("label", "gen_ppl", "ci95", "paired_diff", *PATH_KL_COLUMNS, "entropy", "saved_nominal_%", "saved_executed_%", "wall_s", "speedup")
 
 
@@ -61,14 +63,17 @@ def table_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def path_kl_cells(record: dict[str, Any]) -> dict[str, Any]:
-    """Mean per sequence and 95% half-width of path KL, of its seed floor and of the excess over the floor; blank
-    where a run did not measure them (path KL: eval.path_kl=false; the floor: eval.seed_baseline=null, or runs
-    from before it was measured)."""
+    """Mean per sequence and 95% half-width of path KL, of its seed floor and of the excess over the floor, and the
+    share of the path KL that is floor (what any equally good network would have cost); blank where a run did
+    not measure them (path KL: eval.path_kl=false; the floor: eval.seed_baseline=null, or runs from before it
+    was measured)."""
     path_kl = record.get("path_kl", {})
     cells: dict[str, Any] = {}
     for column, measured in (("path_kl", path_kl), ("path_kl_floor", path_kl.get("floor", {})), ("path_kl_excess", path_kl.get("excess", {}))):
         value = measured.get("per_sequence")
         cells[column], cells[f"{column}_ci95"] = ("", "") if value is None else (round(value["mean"], 4), round(value["ci95"], 4))
+    measured_both = cells["path_kl_floor"] != "" and cells["path_kl"]
+    cells["floor_share_%"] = round(100 * cells["path_kl_floor"] / cells["path_kl"], 1) if measured_both else ""
     return cells
 
 
