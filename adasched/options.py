@@ -94,9 +94,10 @@ OPTIONS: list[tuple[str, Spec]] = [
     ("top_p", number("(0, 1]")),
     ("validation_fraction", number("(0, 1)")),
     ("gamma gae_lambda", number("[0, 1]")),
-    ("tolerance learning_rate fit.lr", number("> 0")),
+    ("tolerance learning_rate fit.lr max_price", number("> 0")),
     ("quality_weight lambda_init lambda_lr lambda_lr_decay lambda_kp budget_penalty learning_rate_end ent_coef", number(">= 0")),
     ("threshold", number()),  # kl_router's default is null: the threshold its fit suggests
+    ("price", number()),  # the oracle's: negative under the excess objective (its range is checked where it is built)
     ("steps_timed threads", integer(">= 1", nullable=True)),  # null: every step to the end; torch's own thread count
     (
         "num_samples batch_size num_steps seq_len num_trajectories record_every repeats torch_threads "

@@ -2,7 +2,7 @@
 
 Each job of ``python experiments/sweep.py -m experiment=exhaustive experiment.num_shards=4
 'experiment.shard_index=range(0,4)'`` keeps its own arm log; this writes the table, results.json and
-figures over all of them into the given folder.
+figures over all of them into the given folder (and the Pareto fronts, where the reference ran at several budgets).
 
 With ``--reference ARM`` it pairs every arm of a finished sweep (one folder or its shards) against ARM
 instead of the experiment's reference, from the same samples, into ``table_vs_ARM.csv``:

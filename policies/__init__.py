@@ -6,6 +6,6 @@ the Hydra policy configs call.
 """
 
 from adasched.sampling.policy import make_policy, registered_policies
-from policies import entropy, kl_router, learned, mask_fraction, static  # noqa: F401  (registers them)
+from policies import entropy, kl_router, learned, mask_fraction, oracle, static  # noqa: F401  (registers them)
 
 __all__ = ["make_policy", "registered_policies"]

@@ -87,33 +87,10 @@ class StaticLight(StaticSchedule):
         return torch.full((num_steps,), self.light, dtype=torch.int64)
 
 
-@register_policy("static_quarter")
-class StaticQuarter(StaticSchedule):
-    """``light_fraction`` of the steps on the light model, starting where quarter ``quarter`` (1-4) starts."""
-
-    def __init__(self, quarter: int = 1, light_fraction: float = 0.25, light: int = 1) -> None:
-        if quarter not in (1, 2, 3, 4):
-            raise ConfigError(f"policy.quarter={quarter} is invalid; choose 1, 2, 3 or 4")
-        _check_fraction("light_fraction", light_fraction)
-        self.quarter, self.light_fraction, self.light = quarter, light_fraction, light
-
-    def schedule(self, num_steps: int) -> torch.Tensor:
-        start = round((self.quarter - 1) * num_steps / 4)
-        stop = start + _steps(self.light_fraction, num_steps)
-        if stop > num_steps:
-            raise ConfigError(
-                f"policy.light_fraction={self.light_fraction} does not fit after quarter {self.quarter} start"
-            )
-        return blocks(num_steps, [(start, stop)], self.light)
-
-
-@register_policy("static_sandwich")
-class StaticSandwich(StaticSchedule):
-    """The paper's best static schedule: ``light_fraction`` of the steps light, split over both ends.
-
-    With a ``budget`` the light fraction is calibrated to it (``adasched.sampling.calibration``), so dynamic policies
-    are compared with the sandwich at equal executed FLOPs.
-    """
+class LightFractionSchedule(StaticSchedule):
+    """A schedule with ``light_fraction`` of its steps on the light model. With a ``budget`` the light fraction is
+    calibrated to it (``adasched.sampling.calibration``), so dynamic policies are compared with static schedules at
+    equal executed FLOPs."""
 
     knob_range = (0.0, 1.0)
 
@@ -130,6 +107,36 @@ class StaticSandwich(StaticSchedule):
         """The light fraction that saves ``budget`` in expectation: reveals are spread evenly over the steps, so
         the saving is the light fraction times what all-light saves."""
         return light_share(budget, models, spec, self.light)
+
+
+@register_policy("static_quarter")
+class StaticQuarter(LightFractionSchedule):
+    """``light_fraction`` of the steps on the light model, starting where quarter ``quarter`` (1-4) starts.
+
+    With a ``budget`` the light fraction is calibrated up to what fits after the quarter's start (all of the steps
+    from the first quarter): the light-first front beside the sandwich's.
+    """
+
+    def __init__(self, quarter: int = 1, light_fraction: float = 0.25, light: int = 1, budget: float | None = None) -> None:
+        if quarter not in (1, 2, 3, 4):
+            raise ConfigError(f"policy.quarter={quarter} is invalid; choose 1, 2, 3 or 4")
+        super().__init__(light_fraction, light, budget)
+        self.quarter = quarter
+        self.knob_range = (0.0, 1.0 - (quarter - 1) / 4)
+
+    def schedule(self, num_steps: int) -> torch.Tensor:
+        start = round((self.quarter - 1) * num_steps / 4)
+        stop = start + _steps(self.light_fraction, num_steps)
+        if stop > num_steps:
+            raise ConfigError(
+                f"policy.light_fraction={self.light_fraction} does not fit after quarter {self.quarter} start"
+            )
+        return blocks(num_steps, [(start, stop)], self.light)
+
+
+@register_policy("static_sandwich")
+class StaticSandwich(LightFractionSchedule):
+    """The paper's best static schedule: ``light_fraction`` of the steps light, split over both ends."""
 
     def schedule(self, num_steps: int) -> torch.Tensor:
         total = _steps(self.light_fraction, num_steps)

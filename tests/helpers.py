@@ -102,6 +102,6 @@ def sweep_config(family: Path, run_dir: Path, *overrides: str) -> DictConfig:
     )
     with open_dict(cfg):
         cfg.run_dir = str(run_dir)
-        for name in ("kl_router", "learned_router"):  # routers fitted to the shipped family, not the tiny one
+        for name in ("kl_router", "kl_router_excess", "learned_router"):  # routers fitted to the shipped family, not the tiny one
             cfg.experiment.arms.pop(name, None)
     return cfg

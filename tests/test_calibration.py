@@ -39,6 +39,12 @@ def test_sandwich_is_calibrated_to_a_budget_that_holds_on_held_out_seeds() -> No
     assert abs(held_out - 0.3) <= HELD_OUT_TOLERANCE
 
 
+def test_the_light_first_schedule_is_calibrated_like_the_sandwich() -> None:
+    policy = make_policy("static_quarter", quarter=1, budget=0.3)
+    found = calibrate(policy, family(), CALIBRATION_SEEDS, SPEC, tolerance=0.01)
+    assert abs(found.saved_executed - 0.3) <= 0.01 and policy.light_fraction == found.knob and len(found.history) <= 2
+
+
 def test_in_prefix_mode_the_tries_sample_the_prompted_calibration_seeds() -> None:
     """A prompt's positions are revealed from the start, so a knob saves another share on prompted samples:
     the tries must continue the prompts, as evaluation does."""

@@ -38,6 +38,8 @@ def test_every_registered_policy_has_a_config_and_passes_the_checker() -> None:
             continue
         policy = instantiate(policy_config)
         assert policy.name == policy_config.name
+        if policy.analysis_only:  # the oracle runs the family to decide: tests/test_oracle.py checks it bound to one
+            continue
         check_policy(policy, num_models=2)
 
 
@@ -98,5 +100,10 @@ def test_bad_values_and_unknown_names_fail_clearly() -> None:
         make_policy("static_sandwich", light_fraction=1.5)
     with pytest.raises(ConfigError, match="quarter=5"):
         make_policy("static_quarter", quarter=5)
-    with pytest.raises(ConfigError, match="unknown policy 'nope'; registered: entropy_router, kl_router, learned_router, mask_fraction_router, static_heavy"):
+    with pytest.raises(ConfigError, match="unknown policy 'nope'; registered: entropy_router, kl_router, learned_router, mask_fraction_router, oracle, static_heavy"):
         make_policy("nope")
+
+
+def test_a_quarter_calibrates_its_light_fraction_only_as_far_as_fits_after_its_start() -> None:
+    assert make_policy("static_quarter", quarter=1, budget=0.2).knob_range == (0.0, 1.0)
+    assert make_policy("static_quarter", quarter=3, budget=0.2).knob_range == (0.0, 0.5)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -176,6 +178,32 @@ def test_an_arm_whose_router_was_refitted_since_it_ran_is_sampled_again(tiny_fam
     lines = [json.loads(line) for line in (tmp_path / "run" / "arms.jsonl").read_text().splitlines()]
     assert calls == ["static_heavy", "kl_router", "kl_router"] and [line["label"] for line in lines] == ["static_heavy", "kl_router", "kl_router"]
     assert lines[2]["artifacts"] == {"path": content_digest(router)} != first["artifacts"]  # the old line stays, superseded
+
+
+def test_an_arm_with_its_own_budgets_runs_only_at_those_of_the_experiment() -> None:
+    cfg = compose_config("sweep", ["experiment.budgets=[0.1,0.17,0.33]", "logger.mode=disabled"])
+    with open_dict(cfg):
+        arms = cfg.experiment.arms
+        cfg.experiment.arms = {"static_heavy": arms.static_heavy, "static_sandwich": arms.static_sandwich, "mask_fraction_router": arms.mask_fraction_router}
+        cfg.experiment.arms.mask_fraction_router.budgets = [0.17, 0.33, 0.5]  # 0.5: not one of the experiment's
+    expanded = sweep_job.expand_arms(cfg.experiment)
+    assert [arm.label for arm in expanded] == [
+        "static_heavy", "static_sandwich@0.1", "static_sandwich@0.17", "mask_fraction_router@0.17", "static_sandwich@0.33", "mask_fraction_router@0.33",
+    ]
+    assert all("budgets" not in arm.config for arm in expanded)  # no key of the policy (nor of the arm's logged config)
+    for arm, budgets, message in (
+        ("static_heavy", [0.17], "experiment.arms.static_heavy.budgets is set but its policy 'static_heavy' takes no budget"),
+        ("mask_fraction_router", [0.17, 1.5], "budget=1.5 is invalid"),
+        ("mask_fraction_router", 0.17, "experiment.arms.mask_fraction_router.budgets=0.17 is invalid; it must be a list"),
+    ):
+        broken = copy.deepcopy(cfg)
+        with open_dict(broken):
+            broken.experiment.arms[arm].budgets = budgets
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            sweep_job.expand_arms(broken.experiment)
+    pareto = compose_config("sweep", ["experiment=pareto", "logger.mode=disabled"]).experiment
+    ships = sweep_job.arm_configs(pareto)["learned_router"]  # one router per budget: it runs at those two only
+    assert sweep_job.arm_budgets("learned_router", ships, list(pareto.budgets)) == [0.17, 0.33] and 0.17 in pareto.budgets
 
 
 @pytest.mark.parametrize(

@@ -20,6 +20,12 @@ PATH_KL_COLUMNS = (
 COLUMNS = ("label", "gen_ppl", "ci95", "paired_diff", *PATH_KL_COLUMNS, "entropy", "saved_nominal_%", "saved_executed_%", "wall_s", "speedup")
 
 
+def analysis_label(record: dict[str, Any]) -> str | None:
+    """What a table shows instead of an analysis-only policy's wall clock and speedup (the oracle's sampling runs its
+    own evaluation forwards: timing it says nothing of a sampler), e.g. "analysis (oracle)"; None for the rest."""
+    return f"analysis ({record['policy']})" if record.get("analysis_only") else None
+
+
 def find_results(paths: Sequence[str | Path]) -> list[Path]:
     """Every results.json under the given run or sweep folders, in a stable order."""
     found: list[Path] = []
@@ -55,8 +61,8 @@ def table_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             "entropy": round(row["entropy"]["mean"], 4),
             "saved_nominal_%": round(100 * row["flops"]["saved_nominal"], 2),
             "saved_executed_%": round(100 * row["flops"]["saved_executed"], 2),
-            "wall_s": round(row["wall_s"]["sampling"], 2),
-            "speedup": round(row["speedup_vs_all_heavy"], 3) if "speedup_vs_all_heavy" in row else "",
+            "wall_s": analysis_label(row) or round(row["wall_s"]["sampling"], 2),
+            "speedup": analysis_label(row) or (round(row["speedup_vs_all_heavy"], 3) if "speedup_vs_all_heavy" in row else ""),
         }
         for row in rows
     ]
@@ -146,7 +152,7 @@ def sweep_rows(records: Sequence[dict[str, Any]], reference: str | None) -> list
             "saved_executed_%": round(100 * record["flops"]["saved_executed"], 2),
             "saved_nominal_%": round(100 * record["flops"]["saved_nominal"], 2),
             "knob": round(record["calibration"]["knob"], 4) if record.get("calibration") else "",
-            "wall_s": round(record["wall_s"]["sampling"], 1),
+            "wall_s": analysis_label(record) or round(record["wall_s"]["sampling"], 1),
             "speedup_vs_reference": "",
         }
         baseline = reference_for(record, records, reference)
@@ -158,7 +164,9 @@ def sweep_rows(records: Sequence[dict[str, Any]], reference: str | None) -> list
             difference, half_width = paired_difference(torch.tensor(record["nll"]).exp(), torch.tensor(baseline["nll"]).exp())
             row |= {
                 "diff_vs_reference": round(difference, 2), "diff_ci95": round(half_width, 2), "verdict": verdict(difference, half_width),
-                "speedup_vs_reference": round(baseline["wall_s"]["sampling"] / record["wall_s"]["sampling"], 3),
+                "speedup_vs_reference": (
+                    analysis_label(record) or analysis_label(baseline) or round(baseline["wall_s"]["sampling"] / record["wall_s"]["sampling"], 3)
+                ),
             }
             if "path_kl_per_sample" in record and "path_kl_per_sample" in baseline:
                 row |= paired_cells("path_kl", record["path_kl_per_sample"], baseline["path_kl_per_sample"])

@@ -1,9 +1,10 @@
 """One page per experiment: its table and figures on disk, and a W&B report over its runs when online.
 
 A sweep's results are spread over ``table.csv``, ``arms.jsonl`` and several figures, and its W&B runs (one per
-arm) hold only numbers; the dashboard puts the paired verdicts next to the figures in ``dashboard.md``, and
-online builds the same page as a W&B report whose charts read the experiment's runs, so it stays current when
-runs are synced or added. The local files are written in every logger mode.
+arm) hold only numbers; the dashboard puts the paired verdicts (and a sweep's Pareto fronts, where it has them)
+next to the figures in ``dashboard.md``, and online builds the same page as a W&B report whose charts read the
+experiment's runs, so it stays current when runs are synced or added. The local files are written in every
+logger mode.
 """
 
 from __future__ import annotations
@@ -26,6 +27,13 @@ from adasched.analysis.comparison import (
     find_results,
     load_rows,
     table_rows,
+)
+from adasched.analysis.pareto import (
+    FIGURE_FILE,
+    ISO_COLUMN,
+    ISO_COLUMNS,
+    PARETO_COLUMNS,
+    plot_pareto,
 )
 from adasched.analysis.plots import (
     plot_arms,
@@ -56,6 +64,9 @@ HEADERS = {
     "path_kl_verdict": "path KL verdict", "path_kl_floor": "seed floor, nats/sequence (95% CI)",
     "path_kl_excess": "path KL over the seed floor, nats/sequence (95% CI)", "path_kl_excess_diff": "paired excess diff vs reference (95% CI)",
     "path_kl_excess_verdict": "excess verdict",
+    "headroom_captured": "headroom captured", "headroom_ci95_low": "headroom 95% CI low", "headroom_ci95_high": "high",
+    "budgets": "budgets run", "saved_executed_%_min": "saved executed % from", "saved_executed_%_max": "to",
+    ISO_COLUMN: "iso-quality saving, executed %",
 }
 INTERVALS = {  # a value column and its 95% half-width, shown as one cell
     "gen_ppl": "ci95", "diff_vs_reference": "diff_ci95", "path_kl": "path_kl_ci95", "path_kl_diff": "path_kl_diff_ci95",
@@ -77,6 +88,7 @@ class Experiment:
     project: str | None  # of its W&B runs; None: unknown, or several
     groups: list[str]  # W&B groups of its runs
     segment_search: bool = False
+    pareto: dict[str, Any] | None = None  # a sweep's Pareto summary (adasched.analysis.pareto), where it has one
 
 
 def logged_to(folders: Sequence[Path]) -> tuple[str | None, list[str]]:
@@ -106,7 +118,7 @@ def load_sweep(folder: Path) -> Experiment:
             f"{sampling['seq_len']} tokens); paired differences are to `{results['reference']}` on the same seeds, at the same budget."
         ),
         records=records, rows=results["rows"], columns=SWEEP_COLUMNS, project=project, groups=groups,
-        segment_search="segment_search" in results,
+        segment_search="segment_search" in results, pareto=results.get("pareto"),
     )
 
 
@@ -144,10 +156,27 @@ def summary_markdown(experiment: Experiment, command: str, figures: Sequence[Pat
         f"From {', '.join(f'`{source}`' for source in experiment.sources)}. {experiment.description}",
         *([f"W&B runs: project `{experiment.project}`, group {', '.join(f'`{g}`' for g in experiment.groups)}."] if experiment.groups else []),
         markdown_table(experiment.rows, experiment.columns),
+        *(pareto_markdown(experiment.pareto) if experiment.pareto else []),
         *(f"![{figure.stem}]({figure.name})" for figure in figures),
         f"Made with `{command}`.",
     ]
     return "\n\n".join(parts) + "\n"
+
+
+def pareto_markdown(fronts: dict[str, Any]) -> list[str]:
+    """The Pareto summary's two tables, each after the sentence that says how to read it."""
+    reference, level = fronts["reference"], fronts["level"]
+    read_at = f"`{level['label']}`'s excess, {level['path_kl_excess']:.4f} nats/sequence" if level else "the reference's excess (not measured)"
+    return [
+        "## Pareto fronts",
+        (
+            f"Headroom captured: (`{reference}` - arm) / (`{reference}` - `{fronts['oracle_policy']}`) of the excess over the seed floor at "
+            "the same budget, with a paired bootstrap 95% interval over the seeds; the oracle is an analysis reference (greedy with hindsight)."
+        ),
+        markdown_table(fronts["rows"], PARETO_COLUMNS),
+        f"Iso-quality saving: the largest executed saving at which each front (linear between its budgets) is no worse than {read_at}.",
+        markdown_table(fronts["iso_quality"], ISO_COLUMNS),
+    ]
 
 
 def write_local(experiment: Experiment, out: Path, command: str) -> Path:
@@ -158,6 +187,8 @@ def write_local(experiment: Experiment, out: Path, command: str) -> Path:
         figures.append(path_kl_figure)
     if experiment.segment_search:
         figures += plot_analysis(experiment.records, out)
+    if experiment.pareto:
+        figures.append(plot_pareto(experiment.records, experiment.pareto["level"], out / FIGURE_FILE))
     path = out / MARKDOWN_FILE
     write_text_atomic(path, summary_markdown(experiment, command, figures))
     return path

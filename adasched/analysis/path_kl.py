@@ -57,6 +57,15 @@ def row_sums(values: torch.Tensor, owner: torch.Tensor, num_rows: int) -> torch.
     return torch.zeros(num_rows, dtype=torch.float64, device=values.device).index_add_(0, owner, values)
 
 
+def revealed_kl(
+    model: MDLMDenoiser, heavy_logits: torch.Tensor, tokens: torch.Tensor, t: torch.Tensor, positions: torch.Tensor, top_p: float = 1.0
+) -> torch.Tensor:
+    """(R,) float64 path-KL increment of running ``model`` on z_t ``tokens`` at times ``t``: KL(q_model || p_heavy)
+    summed over each row's ``positions`` (an (R, L) mask), given the heavy's ``revealed_logits`` there."""
+    owner = positions.nonzero(as_tuple=True)[0]
+    return row_sums(categorical_kl(revealed_logits(model, tokens, t, positions), heavy_logits, top_p), owner, len(tokens))
+
+
 class StepKL(NamedTuple):
     """One step's path-KL increment per row, the seed baseline's at the same rows and positions, and their cost."""
 
@@ -86,13 +95,12 @@ def step_kl(
             continue
         rows = (action == model_index).nonzero(as_tuple=True)[0]
         z, t_rows, positions = tokens[rows], t[rows], reveal[rows]
-        owner = positions.nonzero(as_tuple=True)[0]
         p = revealed_logits(heavy, z, t_rows, positions)
         chosen = models[model_index]
-        increment[rows] = row_sums(categorical_kl(revealed_logits(chosen, z, t_rows, positions), p, top_p), owner, len(rows))
+        increment[rows] = revealed_kl(chosen, p, z, t_rows, positions, top_p)
         ran = [heavy, chosen]
         if seed_baseline is not None:
-            floor[rows] = row_sums(categorical_kl(revealed_logits(seed_baseline, z, t_rows, positions), p, top_p), owner, len(rows))
+            floor[rows] = revealed_kl(seed_baseline, p, z, t_rows, positions, top_p)
             ran.append(seed_baseline)
         flops += sum(forward_flops(model, len(rows), int(positions.sum()), seq_len) for model in ran)
     return StepKL(increment, floor, flops)

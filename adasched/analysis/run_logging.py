@@ -6,7 +6,7 @@ are synced later with ``wandb sync``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,13 @@ def flatten(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
 def samples_table(seeds: list[int], nll: list[float], texts: list[str]) -> Table:
     """Generated samples as rows (seed, evaluator NLL, text): rerun any one alone with its seed."""
     return ["seed", "nll", "text"], [[s, n, t] for s, n, t in zip(seeds, nll, texts)]
+
+
+def rows_table(rows: list[dict[str, Any]], columns: Sequence[str]) -> Table:
+    """A report's rows (e.g. the Pareto table) as W&B wants a Table: one type per column, so a blank cell is None and
+    a column mixing numbers with text (an iso-quality saving of ">max") is text."""
+    texts = {column for column in columns if any(isinstance(row[column], str) and row[column] != "" for row in rows)}
+    return list(columns), [[None if row[c] == "" else str(row[c]) if c in texts else row[c] for c in columns] for row in rows]
 
 
 def with_resolved_precision(cfg: DictConfig) -> dict[str, Any]:

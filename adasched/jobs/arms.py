@@ -3,7 +3,9 @@
 An arm is calibrated to its budget (if it has one), sampled on the run's seeds, decoded, scored by the
 evaluator and summarized in one record: quality (with paired differences to a reference arm when given),
 costs and wall clock. Every arm of a process runs after the same warm-up, so their wall clocks compare. A router
-is never judged by the seed baseline it learned against (``check_judged_by_another_seed``).
+is never judged by the seed baseline it learned against (``check_judged_by_another_seed``). A policy gets the
+family through ``Policy.bind`` before it calibrates; an analysis-only one (the oracle) runs it to decide, so its
+record has no wall clock.
 """
 
 from __future__ import annotations
@@ -152,6 +154,14 @@ def check_judged_by_another_seed(cfg: DictConfig, label: str, policy: Policy) ->
     )
 
 
+def check_decision_baseline(cfg: DictConfig, prefix: str, policy: Policy) -> None:
+    """The seed baseline a policy runs to decide (the oracle's, ``<prefix>seed_baseline``) must name a model folder of
+    the family: a typo fails before any model loads."""
+    if policy.decision_baseline is not None:
+        otherwise = f"pass {prefix}objective=raw to decide on path KL itself"
+        check_seed_baseline(f"{prefix}seed_baseline", policy.decision_baseline, cfg.family.dir, otherwise)
+
+
 def load_members(
     family_dir: str, members: list[str], seed_baseline: str | None, precision: str, device: torch.device
 ) -> tuple[list[MDLMDenoiser], MDLMDenoiser | None]:
@@ -180,6 +190,16 @@ def load_setting(cfg: DictConfig, trainer: L.Trainer | None = None) -> ArmSettin
     evaluator, evaluator_tokenizer = load_evaluator(cfg.eval.ppl_model, device, cfg.eval.tokenizer_path)
     warm_up(models, spec)
     return ArmSetting(cfg, names, models, tokenizer, evaluator, evaluator_tokenizer, spec, seeds, prompts, seed_baseline, trainer)
+
+
+def bind(setting: ArmSetting, policy: Policy) -> None:
+    """Hand ``policy`` the family, how it samples and the seed baseline it decides against (if it names one), that
+    baseline loaded with the members as one family (the members load again only to check it against them)."""
+    baseline = None
+    if policy.decision_baseline is not None:
+        cfg, device = setting.cfg, next(setting.models[0].parameters()).device
+        _, baseline = load_members(cfg.family.dir, setting.names, policy.decision_baseline, sampling_precision(cfg), device)
+    policy.bind(setting.models, setting.spec, baseline)
 
 
 def calibrate_to_budget(setting: ArmSetting, label: str, policy: Policy) -> Calibration | None:
@@ -297,7 +317,11 @@ def evaluate_arm(
     setting: ArmSetting, label: str, policy: Policy, reference_nll: torch.Tensor | None = None,
     samples_path: Path | None = None, schedule_path: Path | None = None,
 ) -> ArmOutcome:
-    """Calibrate, sample, score and summarize one arm; writes its samples and schedule figure where asked."""
+    """Bind, calibrate, sample, score and summarize one arm; writes its samples and schedule figure where asked.
+
+    An analysis-only policy's record says so and holds no wall clock: its sampling ran its own evaluation forwards.
+    """
+    bind(setting, policy)
     calibration = calibrate_to_budget(setting, label, policy)
     meter = CostMeter(setting.names, setting.depths)
     if setting.trainer is None:
@@ -307,8 +331,8 @@ def evaluate_arm(
     decoded = decode(setting.tokenizer, generation.tokens, generation.prefix_len)
     quality = evaluate_samples(score(setting, decoded), decoded.ids, reference_nll)
     record: dict[str, Any] = {
-        "label": label, "policy": policy.name, "seeds": generation.seeds.tolist(), **quality, **meter.summary(),
-        "wall_s": {"sampling": generation.wall_s},
+        "label": label, "policy": policy.name, "analysis_only": policy.analysis_only, "seeds": generation.seeds.tolist(), **quality,
+        **meter.summary(), **({} if policy.analysis_only else {"wall_s": {"sampling": generation.wall_s}}),
     }
     if setting.cfg.eval.path_kl:
         record |= path_kl_record(setting, generation)

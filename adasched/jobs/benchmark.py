@@ -223,13 +223,17 @@ class TimedPolicy:
 
 def timed_policies(config: dict[str, dict[str, Any]]) -> list[TimedPolicy]:
     """``label: {policy: name, **kwargs}`` entries (``policy`` defaults to the label), static_heavy first; each
-    built once here, so a bad setting fails before any model loads."""
+    built once here, so a bad setting, or an analysis-only policy (its wall clock times its own evaluation forwards),
+    fails before any model loads."""
     entries = {BASELINE_POLICY: {}} | config
     policies = []
     for label, settings in entries.items():
         kwargs = dict(settings)
         policy = TimedPolicy(label, kwargs.pop("policy", label), kwargs)
-        policy.budget = getattr(policy.make(), "budget", None)
+        instance = policy.make()
+        if instance.analysis_only:
+            raise ConfigError(f"policies.{label}: {policy.name} is analysis only, not a sampler to time; run it with experiments/run.py")
+        policy.budget = instance.budget
         policies.append(policy)
     return policies
 

@@ -1,7 +1,8 @@
 """``run(cfg)``: sample with one policy, evaluate, and write results.json, samples.jsonl and the schedule.
 
 With ``eval.compare_to_heavy`` the same seeds are also sampled all-heavy in the same process, which gives
-paired quality differences and a wall-clock speedup measured under the same conditions.
+paired quality differences and a wall-clock speedup measured under the same conditions (none for an
+analysis-only policy: its sampling runs its own evaluation forwards).
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from adasched.analysis.comparison import analysis_label
 from adasched.analysis.run_logging import log_run, samples_table
 from adasched.io import write_json_atomic
 from adasched.jobs.arms import (
     PER_SAMPLE_KEYS,
+    check_decision_baseline,
     check_judged_by_another_seed,
     evaluate_arm,
     heldout_text_record,
@@ -42,6 +45,7 @@ def parallel_trainer(cfg: DictConfig) -> L.Trainer | None:
 def run(cfg: DictConfig) -> dict[str, Any]:
     policy = instantiate(cfg.policy)  # first: a bad policy value fails before any model loads
     check_judged_by_another_seed(cfg, cfg.policy.name, policy)
+    check_decision_baseline(cfg, "policy.", policy)
     spec = sampling_spec(cfg)
     policy.reset(spec.num_steps, len(cfg.family.members))  # a schedule that does not fit the steps fails here too
     setting = load_setting(cfg, parallel_trainer(cfg))
@@ -74,7 +78,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "evaluator": cfg.eval.ppl_model,
         **{key: value for key, value in record.items() if key not in ("label", "policy", *PER_SAMPLE_KEYS)},
     }
-    if baseline is not None:
+    if baseline is not None and not policy.analysis_only:
         results["wall_s"]["sampling_all_heavy"] = baseline.generation.wall_s
         results["speedup_vs_all_heavy"] = baseline.generation.wall_s / outcome.generation.wall_s
         results["wall_saved_vs_all_heavy"] = 1 - outcome.generation.wall_s / baseline.generation.wall_s
@@ -103,6 +107,8 @@ def path_kl_lines(path_kl: dict[str, Any]) -> list[str]:
 
 def print_summary(results: dict[str, Any]) -> None:
     ppl, flops = results["gen_ppl"], results["flops"]
+    analysis = analysis_label(results)  # in place of a wall clock and a speedup, which it has none of
+    wall = analysis or f"{results['wall_s']['sampling']:.1f} s"
     lines = [
         f"policy              {results['policy']}",
         f"samples             {results['num_samples']} x {results['seq_len']} tokens, {results['steps']} steps, {results['precision']}",
@@ -116,13 +122,14 @@ def print_summary(results: dict[str, Any]) -> None:
         f"unigram entropy     {results['entropy']['mean']:.3f} nats",
         f"FLOPs saved         nominal {100 * flops['saved_nominal']:.1f}%, executed {100 * flops['saved_executed']:.1f}%",
         f"forwards per model  {results['forwards']}",
-        f"sampling wall       {results['wall_s']['sampling']:.1f} s",
+        f"sampling wall       {wall}",
     ]
     if "gen_ppl_paired_diff" in results:
         diff = results["gen_ppl_paired_diff"]
         lines.append(f"vs all-heavy        PPL {diff['mean']:+.2f} +- {diff['ci95']:.2f} (paired)")
-        lines.append(
-            f"wall speedup        {results['speedup_vs_all_heavy']:.2f}x for {100 * results['flops']['saved_executed']:.1f}% of FLOPs saved "
+        speedup = analysis or (
+            f"{results['speedup_vs_all_heavy']:.2f}x for {100 * flops['saved_executed']:.1f}% of FLOPs saved "
             "(one timing of each arm after the same warm-up; experiments/benchmark.py repeats them)"
         )
+        lines.append(f"wall speedup        {speedup}")
     print("\n".join(lines))

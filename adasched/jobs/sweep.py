@@ -1,11 +1,13 @@
 """``sweep(cfg)``: many policies ("arms") on the same evaluation seeds in one process, resumably.
 
 An experiment config names its arms (policy configs, each with overrides) and the FLOPs budgets to test;
-an arm whose policy takes a budget runs once per budget (calibrated on the calibration seeds first), the
-others once. Every arm samples the same seeds, so the table gives each arm's paired perplexity difference
-to the experiment's reference arm at the same budget. Finished arms are appended to ``arms.jsonl``; rerunning
-the same command skips them, so a sweep killed mid-way finishes with the table an uninterrupted run gives.
-An arm whose policy files (a router) changed since it ran is sampled again instead of reused.
+an arm whose policy takes a budget runs once per budget (calibrated on the calibration seeds first), or only at
+those its own ``budgets:`` lists (a router shipped for some budgets only), the others once. Every arm samples
+the same seeds, so the table gives each arm's paired perplexity difference to the experiment's reference arm at
+the same budget. Finished arms are appended to ``arms.jsonl``; rerunning the same command skips them, so a sweep
+killed mid-way finishes with the table an uninterrupted run gives. An arm whose policy files (a router) changed
+since it ran is sampled again instead of reused. Where the reference ran at two budgets or more, the report
+also holds every arm's Pareto front against it (``adasched.analysis.pareto``).
 """
 
 from __future__ import annotations
@@ -19,12 +21,20 @@ from omegaconf import DictConfig, OmegaConf
 
 from adasched.analysis.arm_log import ArmLog, artifact_digests, read_sweep
 from adasched.analysis.comparison import SWEEP_COLUMNS, format_table, sweep_rows, to_csv
+from adasched.analysis.pareto import (
+    FIGURE_FILE,
+    ISO_COLUMN,
+    ISO_COLUMNS,
+    PARETO_COLUMNS,
+    pareto_summary,
+    write_pareto,
+)
 from adasched.analysis.plots import (
     plot_arms,
     plot_quality_vs_compute,
     plot_runs_path_kl_per_step,
 )
-from adasched.analysis.run_logging import log_run, samples_table
+from adasched.analysis.run_logging import log_run, rows_table, samples_table
 from adasched.analysis.segment_search import (
     analysis,
     plot_analysis,
@@ -34,6 +44,7 @@ from adasched.errors import ConfigError
 from adasched.io import write_json_atomic, write_text_atomic
 from adasched.jobs.arms import (
     PER_SAMPLE_KEYS,
+    check_decision_baseline,
     check_judged_by_another_seed,
     evaluate_arm,
     load_setting,
@@ -70,6 +81,25 @@ def arm_configs(experiment: DictConfig) -> dict[str, dict[str, Any]]:
     return arms
 
 
+ARM_BUDGETS = "budgets"  # under an arm: the experiment's budgets it runs at, not a key of its policy config
+
+
+def arm_budgets(name: str, config: dict[str, Any], budgets: list[float]) -> list[float]:
+    """The experiment's budgets an arm runs at: all of them, or those its own ``budgets:`` lists. A router trained
+    for some budgets only (one per budget) would elsewhere run the one trained nearest, recalibrated far from its
+    training; an experiment run at other budgets (``experiment.budgets=[...]``) leaves out those it lacks."""
+    own = config.get(ARM_BUDGETS)
+    if own is None:
+        return budgets
+    if "budget" not in config:
+        raise ConfigError(f"experiment.arms.{name}.budgets is set but its policy {config.get('name')!r} takes no budget")
+    if not isinstance(own, list):
+        raise ConfigError(f"experiment.arms.{name}.budgets={own!r} is invalid; it must be a list of budgets")
+    for budget in own:
+        check_budget(budget)
+    return [budget for budget in budgets if budget in own]
+
+
 def expand_arms(experiment: DictConfig) -> list[Arm]:
     """This shard's arms in table order: budget-free arms (e.g. all-heavy) first, then each budget's.
 
@@ -82,9 +112,11 @@ def expand_arms(experiment: DictConfig) -> list[Arm]:
         raise ConfigError(f"experiment.shard_index={experiment.shard_index} is invalid; it must lie in 0..num_shards-1 ({experiment.num_shards - 1})")
     fixed, budgeted = [], []
     for name, config in arm_configs(experiment).items():
+        runs_at = arm_budgets(name, config, budgets)
+        config = {key: value for key, value in config.items() if key != ARM_BUDGETS}
         if "budget" not in config or not budgets:
             fixed.append((name, None, {key: value for key, value in config.items() if key != "budget"}))
-        budgeted += [(name, budget, {**config, "budget": budget}) for budget in budgets if "budget" in config]
+        budgeted += [(name, budget, {**config, "budget": budget}) for budget in runs_at if "budget" in config]
     ordered = fixed + sorted(budgeted, key=lambda arm: arm[1])  # stable: arms keep their order within a budget
     mine = list(enumerate(ordered))[experiment.shard_index :: experiment.num_shards]
     return [Arm(index, name, budget, config, instantiate(OmegaConf.create(config))) for index, (name, budget, config) in mine]
@@ -107,9 +139,12 @@ def sweep(cfg: DictConfig) -> list[dict[str, Any]]:
     """Run every unfinished arm of this shard, then write its report; returns the table's rows."""
     arms = expand_arms(cfg.experiment)
     spec = sampling_spec(cfg)
-    for arm in arms:  # a schedule that does not fit the steps or the family, or a router judged by its own seed, fails before any model loads
+    # before any model loads: a schedule that does not fit the steps or the family, a router judged by its own seed
+    # baseline, or a policy deciding against a seed baseline the family lacks, fails
+    for arm in arms:
         arm.policy.reset(spec.num_steps, len(cfg.family.members))
         check_judged_by_another_seed(cfg, arm.label, arm.policy)
+        check_decision_baseline(cfg, f"experiment.arms.{arm.name}.", arm.policy)
     run_dir = Path(cfg.run_dir)
     settings = sweep_settings(cfg)
     log = ArmLog(run_dir, settings)
@@ -125,7 +160,10 @@ def sweep(cfg: DictConfig) -> list[dict[str, Any]]:
     if todo:
         run_arms(cfg, todo, log, start=len(arms) - len(todo), total=len(arms))
         finished = log.load()
-    return write_report(run_dir, settings["experiment"], [finished[arm.label] for arm in arms])
+    results = write_report(run_dir, settings["experiment"], [finished[arm.label] for arm in arms])
+    if "pareto" in results and todo and cfg.experiment.num_shards == 1:
+        log_pareto(cfg, run_dir, results["pareto"])
+    return results["rows"]
 
 
 def stale(record: dict[str, Any], arm: Arm) -> bool:
@@ -136,13 +174,16 @@ def stale(record: dict[str, Any], arm: Arm) -> bool:
     return changed
 
 
-def write_report(folder: Path, experiment: dict[str, Any], records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """table.csv, results.json, the quality-vs-compute and per-arm figures, and the segment analysis if searched."""
+def write_report(folder: Path, experiment: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any]:
+    """table.csv, results.json, the quality-vs-compute and per-arm figures, the segment analysis if searched, and
+    the Pareto fronts where the reference ran at several budgets; returns what results.json holds."""
     rows = sweep_rows(records, experiment["reference"])
     results: dict[str, Any] = {"experiment": experiment["name"], "reference": experiment["reference"], "rows": rows}
     if experiment.get("segment_search") is not None:
         results["segment_search"] = analysis(records)
         plot_analysis(records, folder)
+    if (fronts := pareto_summary(records, experiment["reference"])) is not None:
+        results["pareto"] = fronts
     write_text_atomic(folder / "table.csv", to_csv(rows, SWEEP_COLUMNS))
     write_json_atomic(folder / "results.json", results)
     plot_quality_vs_compute(records, folder / "quality_vs_compute.png")
@@ -150,7 +191,18 @@ def write_report(folder: Path, experiment: dict[str, Any], records: list[dict[st
     plot_arms(records, folder / "quality_by_arm.png")
     print(format_table(rows, SWEEP_COLUMNS))
     print(f"\nwrote {folder / 'table.csv'}, results.json and figures")
-    return rows
+    if fronts is not None:
+        write_pareto(folder, records, fronts)
+    return results
+
+
+def log_pareto(cfg: DictConfig, folder: Path, fronts: dict[str, Any]) -> None:
+    """The Pareto tables and figure as one more W&B run in the experiment's group, beside its arms' runs. Only a
+    sweep that ran arms logs it (a rerun that only reports would log it twice), and no shard does: its fronts lack
+    the other shards' arms (merge_sweep writes the whole one to disk)."""
+    iso = {row["label"]: row[ISO_COLUMN] for row in fronts["iso_quality"] if not isinstance(row[ISO_COLUMN], str)}
+    tables = {"pareto": rows_table(fronts["rows"], PARETO_COLUMNS), "pareto_iso_quality": rows_table(fronts["iso_quality"], ISO_COLUMNS)}
+    log_run(cfg, f"{cfg.experiment.name}__pareto", {"level": fronts["level"] or {}, ISO_COLUMN: iso}, tables, {"pareto": folder / FIGURE_FILE})
 
 
 def run_arms(cfg: DictConfig, arms: list[Arm], log: ArmLog, start: int, total: int) -> None:
@@ -196,4 +248,4 @@ def merge_shards(folder: Path) -> list[dict[str, Any]]:
     """
     settings, records, shards = read_sweep(folder)
     print(f"merging {len(records)} arms from {len(shards)} shards")
-    return write_report(folder, settings["experiment"], sorted(records.values(), key=lambda record: record["index"]))
+    return write_report(folder, settings["experiment"], sorted(records.values(), key=lambda record: record["index"]))["rows"]

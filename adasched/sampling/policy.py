@@ -9,25 +9,33 @@ A registered policy is a pure function of the state (history it needs travels in
 last model, last entropy, mask fraction at its previous forward, FLOPs so far). That is what lets two
 samplers that visit different steps, or batch rows differently, reach the same decisions and tokens.
 A policy lists the extra features it needs in ``features``; the sampler computes only those (and counts
-their cost, where they need a forward).
+their cost, where they need a forward). A policy that runs models of its own to decide (the analysis oracle)
+gets them through ``bind`` before it calibrates or samples; such a policy is labelled ``analysis_only``.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, TypeVar
 
 import torch
 
 from adasched.errors import ConfigError
+from adasched.models.dit import MDLMDenoiser
+from adasched.sampling.spec import SamplingSpec
 
 ENTROPY = "entropy"  # mean predictive entropy (nats) over the positions a row revealed at its last forward
 # Entropy of ``probe_model``'s prediction at the positions revealing *now*, in ``state.extras``: the probe
 # forward is run (and charged) before ``act``; rows that then choose the probe model reuse it for free.
 PROBE_ENTROPY = "probe_entropy"
-KNOWN_FEATURES = frozenset({ENTROPY, PROBE_ENTROPY})
+# z_t of the rows (R, L) and the positions revealing now (R, L, bool), device tensors in ``state.extras`` under
+# Z_T and REVEALING. The sampler holds them anyway, so they cost nothing; what a policy computes from them (the
+# oracle's forwards of every member) is its own affair and never reaches the sampler's costs.
+REVEALING = "revealing"
+Z_T = "z_t"
+KNOWN_FEATURES = frozenset({ENTROPY, PROBE_ENTROPY, REVEALING})
 
 
 @dataclass
@@ -78,6 +86,17 @@ class Policy(ABC):
     # The seed baseline a router learned the excess over (a heavy from another seed), None for the rest: judged
     # with that same floor a router would be graded on its own training signal, so runs refuse it.
     trained_against: str | None = None
+    # A reference for analysis, not a policy a sampler could deploy (the oracle decides with hindsight of every
+    # member's increment): runs report no wall clock or speedup for it, only its quality and the FLOPs its choices cost.
+    analysis_only: ClassVar[bool] = False
+    # The seed baseline (a model folder of the family) that a policy runs itself to decide, loaded by the job and
+    # handed to ``bind``; None for the rest.
+    decision_baseline: str | None = None
+
+    def bind(self, models: Sequence[MDLMDenoiser], spec: SamplingSpec, seed_baseline: MDLMDenoiser | None) -> None:
+        """Before calibrating or sampling: the family (0 = heavy), how it samples, and the ``decision_baseline`` model
+        (None where the policy names none). The job code calls it for every policy; only one that runs models to
+        decide keeps them."""
 
     def reset(self, num_steps: int, num_models: int) -> None:
         """Start a run of ``num_steps`` steps over a family of ``num_models``; check the policy fits it."""

@@ -33,6 +33,8 @@ from adasched.sampling.costs import CostMeter
 from adasched.sampling.policy import (
     ENTROPY,
     PROBE_ENTROPY,
+    REVEALING,
+    Z_T,
     DenoiseState,
     Policy,
     StepOutput,
@@ -260,7 +262,10 @@ class Trajectory(ABC):
         """(R, L) z_t of the rows of the step ``begin_step`` opened, and the (R, L) positions they reveal (device)."""
         if self._decision is None:
             raise RuntimeError("open_step() needs begin_step() first")
-        rows = self._decision[0]
+        return self.z_t(self._decision[0])
+
+    def z_t(self, rows: StepRows) -> tuple[torch.Tensor, torch.Tensor]:
+        """(R, L) z_t of ``rows`` and the (R, L) positions they reveal now (device; rows revealing nothing reveal none)."""
         return self.tokens[rows.device_slots], rows.reveal
 
     @abstractmethod
@@ -288,6 +293,8 @@ class Trajectory(ABC):
         if PROBE_ENTROPY in self.features:
             state.extras[PROBE_ENTROPY] = self.probe(rows).cpu()  # the policy reads the device: its one wait
             probe_flops = self.note_forward(slots, self.probe_model, rows.reveal_count, probe=True)[0]
+        if REVEALING in self.features:  # already on the device: free to hand over
+            state.extras[Z_T], state.extras[REVEALING] = self.z_t(rows)
         self._decision = (rows, state, probe_flops)
         return state
 
