@@ -94,7 +94,7 @@ OPTIONS: list[tuple[str, Spec]] = [
     ("top_p", number("(0, 1]")),
     ("validation_fraction", number("(0, 1)")),
     ("gamma gae_lambda", number("[0, 1]")),
-    ("tolerance learning_rate fit.lr max_price", number("> 0")),
+    ("tolerance learning_rate fit.lr router.lr max_price", number("> 0")),
     ("quality_weight lambda_init lambda_lr lambda_lr_decay lambda_kp budget_penalty learning_rate_end ent_coef", number(">= 0")),
     ("threshold", number()),  # kl_router's default is null: the threshold its fit suggests
     ("price", number()),  # the oracle's: negative under the excess objective (its range is checked where it is built)
@@ -102,10 +102,10 @@ OPTIONS: list[tuple[str, Spec]] = [
     (
         "num_samples batch_size num_steps seq_len num_trajectories record_every repeats torch_threads "
         "devices num_nodes num_shards num_envs total_timesteps n_steps n_epochs checkpoint_every_n_timesteps "
-        "fit.hidden fit.depth fit.steps d_model n_heads vocab_size validation_size",
+        "fit.hidden fit.depth fit.steps router.hidden router.steps d_model n_heads vocab_size validation_size top_k eval_samples",
         integer(">= 1"),
     ),
-    ("seed shard_index prefix_len slice_start warmup_steps num_workers mask_token_id heavy light letters.*", integer(">= 0")),
+    ("seed record_seed shard_index prefix_len slice_start warmup_steps num_workers mask_token_id heavy light letters.* router.depth", integer(">= 0")),
     ("tokenizer_path validation_split experiment.reference", Spec(str, "a string", nullable=True)),
     ("seed_baseline", Spec(str, "the name of a model folder of the family", nullable=True)),  # null: no floor under path KL
     ("objective", choice("raw", "excess")),  # what a router learns: path KL, or its excess over a seed baseline

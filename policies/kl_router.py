@@ -13,6 +13,12 @@ away from steps where any other good network (a heavy from another seed) departs
 ``excess`` objective fits the light model's increment minus a seed baseline's at the same step and positions
 instead: signed, so its squash is log1p mirrored for negative values. A router fitted against one seed
 baseline is judged with another (``adasched.jobs.arms``), never with its own training signal.
+
+The same regressor and policy serve a router fitted on other features, named in its ``router.json`` (columns of
+``router_features`` or ``adasched.sampling.features.EXTRA_FEATURES``; the policy then has the sampler compute what
+they need, a probe of its light model included), and to another target: the ``oracle`` objective fits, by logistic
+loss, the logit that the analysis oracle keeps the heavy at a row's step (``experiments/oracle_features.py``), so
+the same rule, heavy where the prediction exceeds the threshold, follows the oracle's choices.
 """
 
 from __future__ import annotations
@@ -30,9 +36,15 @@ from torch import nn
 from adasched.errors import ConfigError
 from adasched.io import atomic_path, write_json_atomic
 from adasched.models.dit import MDLMDenoiser
-from adasched.sampling.features import router_features, select_features
+from adasched.sampling.features import (
+    check_feature_names,
+    named_features,
+    needed_features,
+    select_features,
+)
 from adasched.sampling.policy import (
     ENTROPY,
+    PROBE_ENTROPY,
     DenoiseState,
     Policy,
     check_budget,
@@ -57,19 +69,28 @@ def signed_expm1(values: torch.Tensor) -> torch.Tensor:
     return values.sign() * values.abs().expm1()
 
 
+def unchanged(values: torch.Tensor) -> torch.Tensor:
+    return values
+
+
 @dataclass(frozen=True)
 class Objective:
-    """What the router predicts (nats) and how its MSE fit squashes the targets and reads predictions back."""
+    """What the router predicts and how its fit squashes the targets, compares them with the network's output
+    (``criterion``, reported as ``metric``) and reads predictions back."""
 
     target: str  # in words, for the fit's report
     loss: str  # recorded in the fit metadata
     squash: Callable[[torch.Tensor], torch.Tensor]
     unsquash: Callable[[torch.Tensor], torch.Tensor]
+    criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = nn.functional.mse_loss
+    metric: str = "mse"  # the criterion's name in the fit metadata: train_<metric>, validation_<metric>
 
 
 OBJECTIVES = {
     "raw": Objective("log1p(KL)", "mse_log1p_kl", torch.log1p, lambda predicted: torch.expm1(predicted).clamp(min=0.0)),  # a KL is never negative
     "excess": Objective("signed log1p(KL - floor)", "mse_signed_log1p_excess_kl", signed_log1p, signed_expm1),
+    # targets 1 where the oracle kept the heavy, 0 where it left it; predictions are logits
+    "oracle": Objective("logit P(oracle keeps the heavy)", "bce_oracle_keeps_heavy", unchanged, unchanged, nn.functional.binary_cross_entropy_with_logits, "bce"),
 }
 
 
@@ -92,7 +113,8 @@ class KLRegressor(nn.Module):
         return self.net((features - self.mean) / self.std).squeeze(-1)
 
     def predict_kl(self, features: torch.Tensor) -> torch.Tensor:
-        """The predicted increment (nats): the KL, non-negative, for raw; the excess over the floor, signed, for excess."""
+        """The predicted increment (nats): the KL, non-negative, for raw; the excess over the floor, signed, for excess
+        (for oracle the logit that the oracle keeps the heavy)."""
         with torch.no_grad():
             return OBJECTIVES[self.objective].unsquash(self(features))
 
@@ -109,53 +131,60 @@ def fit(
     train: Examples, validation: Examples | None = None, objective: str = "raw", hidden: int = 32, depth: int = 2, steps: int = 400,
     lr: float = 3e-3, seed: int = 0,
 ) -> tuple[KLRegressor, dict[str, Any]]:
-    """Full-batch Adam on MSE of the objective's squashed targets; seeded, so the same examples give the same router.
+    """Full-batch Adam on the objective's criterion (MSE of its squashed targets, or logistic loss); seeded, so the
+    same examples give the same router. ``depth=0`` is a linear model: a logistic regression for ``oracle``.
 
     Returns the model and its fit metadata: losses, sizes, the smallest, largest and lower-quartile predicted
     increment on the training examples (the knob's range and the default threshold).
     """
-    features, target = train[0].float(), OBJECTIVES[objective].squash(train[1]).float()
+    chosen = OBJECTIVES[objective]
+    features, target = train[0].float(), chosen.squash(train[1]).float()
     with torch.random.fork_rng(devices=[]):  # nn.Linear's init draws from the global generator: leave it as it was
         torch.manual_seed(seed)
         model = KLRegressor(features.shape[1], hidden, depth, objective)
     model.mean.copy_(features.mean(0))
     model.std.copy_(features.std(0).clamp(min=1e-6))
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    initial = mse(model, train)
+    initial = fit_loss(model, train)
     for _ in range(steps):
-        loss = nn.functional.mse_loss(model(features), target)
+        loss = chosen.criterion(model(features), target)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     model.eval()
     predicted = model.predict_kl(features)
+    metric = chosen.metric
     metadata: dict[str, Any] = {
-        "loss": OBJECTIVES[objective].loss, "hidden": hidden, "depth": depth, "steps": steps, "lr": lr, "fit_seed": seed, "train_records": len(target),
-        "train_mse_initial": initial, "train_mse": mse(model, train),
+        "loss": chosen.loss, "hidden": hidden, "depth": depth, "steps": steps, "lr": lr, "fit_seed": seed, "train_records": len(target),
+        f"train_{metric}_initial": initial, f"train_{metric}": fit_loss(model, train),
         "min_predicted_kl": float(predicted.min()), "max_predicted_kl": float(predicted.max()), "suggested_threshold": float(predicted.quantile(0.25)),
     }
     if validation is not None:
-        variance = OBJECTIVES[objective].squash(validation[1]).var(unbiased=False).item()  # the MSE of predicting its mean
-        metadata |= {"validation_records": len(validation[1]), "validation_mse": mse(model, validation), "validation_variance": variance}
+        variance = chosen.squash(validation[1]).var(unbiased=False).item()  # the MSE of predicting its mean
+        metadata |= {"validation_records": len(validation[1]), f"validation_{metric}": fit_loss(model, validation), "validation_variance": variance}
     return model, metadata
 
 
-def mse(model: KLRegressor, examples: Examples) -> float:
-    """MSE of the predicted squashed target (log1p(KL) for raw) on ``examples``."""
+def fit_loss(model: KLRegressor, examples: Examples) -> float:
+    """The objective's criterion on ``examples``: MSE of the squashed target (log1p(KL) for raw), or logistic loss."""
+    objective = OBJECTIVES[model.objective]
     with torch.no_grad():
-        return nn.functional.mse_loss(model(examples[0].float()), OBJECTIVES[model.objective].squash(examples[1]).float()).item()
+        return objective.criterion(model(examples[0].float()), objective.squash(examples[1]).float()).item()
 
 
-def save(model: KLRegressor, directory: str | Path, num_models: int, metadata: dict[str, Any], seed_baseline: str | None = None) -> None:
-    """Weights as safetensors; features, architecture, objective, the seed baseline an excess router was fitted
-    against (None for raw) and fit metadata as JSON beside them."""
+def save(
+    model: KLRegressor, directory: str | Path, num_models: int, metadata: dict[str, Any], seed_baseline: str | None = None,
+    inputs: Sequence[str] = tuple(INPUTS),
+) -> None:
+    """Weights as safetensors; the features it reads (``inputs``, by name), architecture, objective, the seed baseline
+    it was fitted against (None for raw) and fit metadata as JSON beside them."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     with atomic_path(directory / WEIGHTS) as partial:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, partial)
     hidden = model.net[0].out_features
     depth = (len(model.net) - 1) // 2
-    info = {"num_models": num_models, "feature_names": INPUTS, "architecture": {"hidden": hidden, "depth": depth},
+    info = {"num_models": num_models, "feature_names": list(inputs), "architecture": {"hidden": hidden, "depth": depth},
             "normalization": {"mean": model.mean.tolist(), "std": model.std.tolist()}, "objective": model.objective,
             "seed_baseline": seed_baseline, "fit": metadata}
     write_json_atomic(directory / METADATA, info)
@@ -163,13 +192,17 @@ def save(model: KLRegressor, directory: str | Path, num_models: int, metadata: d
 
 def load(directory: str | Path) -> tuple[KLRegressor, dict[str, Any]]:
     """A router saved by ``save`` (one saved before objectives existed is raw); a missing folder or one fitted on
-    other features is a one-line ConfigError."""
+    features this code does not know is a one-line ConfigError."""
     directory = Path(directory)
     if not (directory / WEIGHTS).is_file() or not (directory / METADATA).is_file():
         raise ConfigError(f"no fitted KL router at {directory}; create it with: {FIT_COMMAND} out_dir={directory} (objective=excess: to the excess over a seed baseline)")
     info = json.loads((directory / METADATA).read_text(encoding="utf-8"))
-    if "num_models" not in info or info["feature_names"] != INPUTS:
+    if "num_models" not in info:
         raise ConfigError(f"the KL router at {directory} was fitted on other features; refit it with: {FIT_COMMAND}")
+    try:
+        check_feature_names(info["feature_names"], info["num_models"])
+    except ConfigError as error:
+        raise ConfigError(f"the KL router at {directory} was fitted on other features ({error}); refit it with: {FIT_COMMAND}") from None
     model = KLRegressor(len(info["feature_names"]), **info["architecture"], objective=info.get("objective", "raw"))
     model.load_state_dict(load_file(directory / WEIGHTS))
     return model.eval(), info
@@ -178,19 +211,21 @@ def load(directory: str | Path) -> tuple[KLRegressor, dict[str, Any]]:
 @register_policy("kl_router")
 class KLRouter(Policy):
     """Per row and step: heavy where the predicted path-KL increment of the light model (raw, or its excess over
-    the floor) > ``threshold`` nats, else light.
+    the floor) > ``threshold`` nats (oracle: the logit that the oracle keeps the heavy), else light.
 
     ``threshold=None`` takes the router's suggested one (light on about a quarter of the training steps).
     With a ``budget`` the threshold is calibrated up to the largest predicted increment seen in training, from 0
-    (raw) or from the smallest predicted excess, which may be negative.
+    (raw) or from the smallest predicted excess, which may be negative (oracle: between the extreme logits).
     """
-
-    features = frozenset({ENTROPY})
 
     def __init__(self, path: str, threshold: float | None = None, light: int = 1, heavy: int = 0, budget: float | None = None) -> None:
         if budget is not None:
             check_budget(budget)
         self.model, self.info = load(path)
+        self.inputs = list(self.info["feature_names"])
+        # the sampler reads these from the instance: they depend on the features the router was fitted on
+        self.features = frozenset({ENTROPY}) | needed_features(self.inputs)
+        self.probe_model = light if PROBE_ENTROPY in self.features else None
         fitted = self.info["fit"]
         self.threshold = fitted["suggested_threshold"] if threshold is None else float(threshold)
         self.light, self.heavy, self.budget = light, heavy, budget
@@ -213,5 +248,5 @@ class KLRouter(Policy):
             raise ConfigError(f"the KL router was fitted on a family of {self.info['num_models']} models but this one has {num_models}")
 
     def act(self, state: DenoiseState) -> torch.Tensor:
-        predicted = self.model.predict_kl(select_features(router_features(state, self.num_models), self.num_models, INPUTS))
+        predicted = self.model.predict_kl(named_features(state, self.num_models, self.inputs))
         return torch.where(predicted > self.threshold, self.heavy, self.light).to(torch.int64).to(state.step.device)

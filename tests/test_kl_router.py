@@ -15,7 +15,7 @@ from adasched.sampling.features import feature_names
 from adasched.sampling.policy_check import check_policy
 from adasched.sampling.spec import SamplingSpec
 from policies import make_policy
-from policies.kl_router import INPUTS, examples, fit, load, mse, save
+from policies.kl_router import INPUTS, examples, fit, fit_loss, load, save
 from tests.helpers import compose_config, family, fit_kl_router_config
 
 STEPS, LENGTH = 40, 16
@@ -88,7 +88,7 @@ def test_save_and_load_give_identical_predictions(records: StepRecords, router_d
     loaded, info = load(router_dir)
     inputs = examples(records.features, records.kl, 2)[0]
     assert torch.equal(model.predict_kl(inputs), loaded.predict_kl(inputs))
-    assert info["feature_names"] == INPUTS and mse(loaded, examples(records.features, records.kl, 2)) == info["fit"]["train_mse"]
+    assert info["feature_names"] == INPUTS and fit_loss(loaded, examples(records.features, records.kl, 2)) == info["fit"]["train_mse"]
 
 
 def test_router_passes_the_checker_and_routes_by_threshold(router_dir: Path) -> None:

@@ -21,7 +21,7 @@ from adasched.errors import ConfigError
 from adasched.options import check_options, default_of, option_keys, spec_for
 from tests.helpers import CONFIG_DIR, ROOT, compose_config
 
-ENTRY_POINTS = ("run", "sweep", "train_router", "fit_kl_router", "benchmark")
+ENTRY_POINTS = ("run", "sweep", "train_router", "fit_kl_router", "benchmark", "oracle_features")
 WRONG = {bool: "maybe", int: 2.5, float: "abc", str: True, dict: "abc"}  # a value of another kind, by the spec's kind
 
 

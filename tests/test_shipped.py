@@ -54,7 +54,10 @@ def test_shipped_checkpoints_are_small_enough_for_git() -> None:
     assert total < 100 * 2**20  # GitHub refuses files over 100 MB; the whole family stays below that
 
 
-@pytest.mark.parametrize(("config", "key"), [("run", "sampling.seq_len"), ("train_router", "sampling.seq_len"), ("fit_kl_router", "seq_len")])
+@pytest.mark.parametrize(
+    ("config", "key"),
+    [("run", "sampling.seq_len"), ("train_router", "sampling.seq_len"), ("fit_kl_router", "seq_len"), ("oracle_features", "sampling.seq_len")],
+)
 def test_jobs_sample_at_the_shipped_members_length(config: str, key: str) -> None:
     """family.seq_len, which every sampling job defaults to, is the length the shipped members were trained at."""
     length = compose_config(config, [])

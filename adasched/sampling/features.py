@@ -2,15 +2,33 @@
 
 The supervised KL router, the PPO router and its training environment all read these columns, so a
 router sees at sampling time exactly what it was fitted or trained on.
+
+``router_features`` has fixed columns: the shipped routers were fitted and trained on exactly those. Further
+features (``EXTRA_FEATURES``) are computed only on request, by name, from what the state's ``extras`` hold; each
+names the policy feature the sampler must compute for it, and so what it costs (``NEED_COSTS``). A router fitted
+on named features (``named_features``) declares those needs and reads the same values at sampling time.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
 from gymnasium import spaces
 
-from adasched.sampling.policy import DenoiseState
+from adasched.errors import ConfigError
+from adasched.sampling.policy import (
+    ENTROPY,
+    MASKED,
+    PROBE_ENTROPY,
+    PROBE_MARGIN,
+    PROBE_MAX_PROB,
+    REVEALING,
+    DenoiseState,
+)
 
 
 def feature_names(num_models: int) -> list[str]:
@@ -59,3 +77,119 @@ def feature_space(num_models: int) -> spaces.Box:
     low = np.array([0, 0, 0, 0, -np.inf, 0, 0, *[0] * num_models], dtype=np.float32)
     high = np.array([1, 1, 1, np.inf, 1, np.inf, 1, *[1] * num_models], dtype=np.float32)
     return spaces.Box(low, high, dtype=np.float32)
+
+
+# What each policy feature costs a deployed router that asks the sampler for it.
+NEED_COSTS = {
+    ENTROPY: "free: the entropy of the row's own draws at its previous forward",
+    PROBE_ENTROPY: "one forward of the probe (light) model projecting the revealing positions, charged; rows that then run it reuse it",
+    REVEALING: "free: z_t and the reveal plan, which the sampler holds",
+}
+
+
+@dataclass(frozen=True)
+class ExtraFeature:
+    """A feature beyond ``router_features``' columns: the policy feature it needs and how it reads the state."""
+
+    needs: str  # what the sampler must compute for it (``adasched.sampling.policy``); its cost is in NEED_COSTS
+    compute: Callable[[DenoiseState], torch.Tensor]  # (B,) float64 on the host, finite
+
+
+def probe_value(key: str, state: DenoiseState) -> torch.Tensor:
+    """A probe statistic; 0 where a row reveals nothing (no probe ran there: the reference sampler's rows)."""
+    return state.extras[key].detach().double().cpu().nan_to_num(0.0)
+
+
+def last_heavy_entropy(state: DenoiseState) -> torch.Tensor:
+    """``last_entropy`` is the entropy of whichever model ran the row's previous forward (``last_action``): the
+    heavy's only where that was model 0, else 0."""
+    entropy = state.last_entropy.detach().double().cpu()
+    return torch.where((state.last_action.cpu() == 0) & ~entropy.isnan(), entropy, 0.0)
+
+
+def reveal_layout(state: DenoiseState) -> tuple[torch.Tensor, torch.Tensor]:
+    """(R, L) host masks of the positions revealing now and of those already revealed in z_t (prompts included)."""
+    return state.extras[REVEALING].cpu(), ~state.extras[MASKED].cpu()
+
+
+def over_revealing(values: torch.Tensor, revealing: torch.Tensor) -> torch.Tensor:
+    """(R,) mean of per-position ``values`` (R, L) over each row's revealing positions; 0 for a row revealing none."""
+    return (values.double() * revealing).sum(1) / revealing.sum(1).clamp(min=1)
+
+
+def neighbour_revealed(offset: int, state: DenoiseState) -> torch.Tensor:
+    """Fraction of the revealing positions whose neighbour at ``offset`` (-1 left, +1 right) is revealed; the
+    sequence's ends have no neighbour there and count as unrevealed."""
+    revealing, revealed = reveal_layout(state)
+    neighbour = revealed.roll(-offset, 1)  # neighbour[:, i] = revealed[:, i + offset]
+    neighbour[:, 0 if offset < 0 else -1] = False  # what the roll wrapped around
+    return over_revealing(neighbour, revealing)
+
+
+def nearest_revealed_distance(state: DenoiseState) -> torch.Tensor:
+    """Mean over the revealing positions of the distance to the nearest revealed token, as a fraction of the
+    sequence length (1 where nothing is revealed yet)."""
+    revealing, revealed = reveal_layout(state)
+    length = revealed.shape[1]
+    index = torch.arange(length).expand_as(revealed)
+    before = torch.where(revealed, index, -2 * length).cummax(1).values  # the last revealed position at or before i
+    after = torch.where(revealed, index, 3 * length).flip(1).cummin(1).values.flip(1)  # the first at or after i
+    distance = torch.minimum(index - before, after - index).clamp(max=length)
+    return over_revealing(distance / length, revealing)
+
+
+def relative_position(state: DenoiseState) -> torch.Tensor:
+    """Mean position of the revealing positions, 0 at the sequence's start and 1 at its end."""
+    revealing = state.extras[REVEALING].cpu()
+    length = revealing.shape[1]
+    return over_revealing(torch.arange(length).expand_as(revealing) / max(length - 1, 1), revealing)
+
+
+EXTRA_FEATURES: dict[str, ExtraFeature] = {
+    "probe_entropy": ExtraFeature(PROBE_ENTROPY, partial(probe_value, PROBE_ENTROPY)),  # nats, mean over the revealing positions
+    "probe_max_prob": ExtraFeature(PROBE_ENTROPY, partial(probe_value, PROBE_MAX_PROB)),  # the probe's top probability there
+    "probe_margin": ExtraFeature(PROBE_ENTROPY, partial(probe_value, PROBE_MARGIN)),  # its top minus its second probability
+    "last_heavy_entropy": ExtraFeature(ENTROPY, last_heavy_entropy),
+    "left_revealed": ExtraFeature(REVEALING, partial(neighbour_revealed, -1)),
+    "right_revealed": ExtraFeature(REVEALING, partial(neighbour_revealed, 1)),
+    "nearest_revealed_distance": ExtraFeature(REVEALING, nearest_revealed_distance),
+    "relative_position": ExtraFeature(REVEALING, relative_position),
+}
+# Where each need leaves its values in ``state.extras`` (ENTROPY's are the state's ``last_entropy``)
+NEED_EXTRAS = {PROBE_ENTROPY: (PROBE_ENTROPY, PROBE_MAX_PROB, PROBE_MARGIN), REVEALING: (REVEALING, MASKED)}
+
+
+def check_feature_names(names: Sequence[str], num_models: int) -> None:
+    """A ConfigError naming the first of ``names`` that is neither a ``router_features`` column nor an extra feature."""
+    known = [*feature_names(num_models), *EXTRA_FEATURES]
+    for name in names:
+        if name not in known:
+            raise ConfigError(f"unknown router feature {name!r}; known: {', '.join(known)}")
+
+
+def needed_features(names: Sequence[str]) -> frozenset[str]:
+    """The policy features the sampler must compute for the extra features among ``names``."""
+    return frozenset(EXTRA_FEATURES[name].needs for name in names if name in EXTRA_FEATURES)
+
+
+def extra_features(state: DenoiseState, names: Sequence[str]) -> torch.Tensor:
+    """(B, len(names)) float32 extra features of ``state`` on the CPU, in ``names`` order; each needs its policy
+    feature computed by the sampler (``needed_features``)."""
+    columns = []
+    for name in names:
+        feature = EXTRA_FEATURES[name]
+        missing = [key for key in NEED_EXTRAS.get(feature.needs, ()) if key not in state.extras]
+        if missing:
+            raise ValueError(f"feature {name!r} needs the sampler to compute {feature.needs!r}: the state holds no {missing[0]!r}")
+        columns.append(feature.compute(state))
+    return torch.column_stack(columns).float() if columns else torch.zeros(state.batch_size, 0)
+
+
+def named_features(state: DenoiseState, num_models: int, names: Sequence[str]) -> torch.Tensor:
+    """(B, len(names)) float32: each of ``names`` a ``router_features`` column or an extra feature, in that order."""
+    columns = feature_names(num_models)
+    base = router_features(state, num_models)
+    extras = [name for name in names if name not in columns]
+    computed = extra_features(state, extras)
+    picked = [base[:, columns.index(name)] if name in columns else computed[:, extras.index(name)] for name in names]
+    return torch.stack(picked, 1) if picked else torch.zeros(state.batch_size, 0)

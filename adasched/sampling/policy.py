@@ -30,11 +30,17 @@ ENTROPY = "entropy"  # mean predictive entropy (nats) over the positions a row r
 # Entropy of ``probe_model``'s prediction at the positions revealing *now*, in ``state.extras``: the probe
 # forward is run (and charged) before ``act``; rows that then choose the probe model reuse it for free.
 PROBE_ENTROPY = "probe_entropy"
-# z_t of the rows (R, L) and the positions revealing now (R, L, bool), device tensors in ``state.extras`` under
-# Z_T and REVEALING. The sampler holds them anyway, so they cost nothing; what a policy computes from them (the
-# oracle's forwards of every member) is its own affair and never reaches the sampler's costs.
+# The same probe's mean top probability and mean margin (top minus second probability) at those positions, in
+# ``state.extras`` beside PROBE_ENTROPY: the probe's probabilities are at hand, so they cost no forward of their own.
+PROBE_MAX_PROB = "probe_max_prob"
+PROBE_MARGIN = "probe_margin"
+# z_t of the rows (R, L), the positions revealing now (R, L, bool) and those still masked in z_t (R, L, bool),
+# device tensors in ``state.extras`` under Z_T, REVEALING and MASKED. The sampler holds them anyway, so they cost
+# nothing; what a policy computes from them (the oracle's forwards of every member) is its own affair and never
+# reaches the sampler's costs.
 REVEALING = "revealing"
 Z_T = "z_t"
+MASKED = "masked"
 KNOWN_FEATURES = frozenset({ENTROPY, PROBE_ENTROPY, REVEALING})
 
 

@@ -10,11 +10,23 @@ from __future__ import annotations
 
 import torch
 
-from adasched.sampling.policy import PROBE_ENTROPY, DenoiseState, Policy, StepOutput
+from adasched.sampling.policy import (
+    MASKED,
+    PROBE_ENTROPY,
+    PROBE_MARGIN,
+    PROBE_MAX_PROB,
+    REVEALING,
+    DenoiseState,
+    Policy,
+    StepOutput,
+)
+
+SEQ_LEN = 16  # of the synthetic states' reveal layouts
 
 
 def synthetic_states(batch_size: int, num_steps: int, num_models: int, seed: int) -> list[DenoiseState]:
-    """Rows draining their masks at random speeds, each visited at its own increasing steps."""
+    """Rows draining their masks at random speeds, each visited at its own increasing steps, with what the sampler
+    computes on request in ``extras`` (the probe's statistics, the reveal layout; no tokens)."""
     generator = torch.Generator().manual_seed(seed)
     model_flops = tuple(float(12 - 8 * m / max(num_models - 1, 1)) for m in range(num_models))
     step = torch.zeros(batch_size, dtype=torch.int64)
@@ -25,13 +37,18 @@ def synthetic_states(batch_size: int, num_steps: int, num_models: int, seed: int
     states = []
     while bool((step < num_steps).all()):
         t = 1.0 - step.double() / num_steps
+        masked = torch.rand(batch_size, SEQ_LEN, generator=generator, dtype=torch.float64) < mask[:, None]
+        revealing = masked & (torch.rand(batch_size, SEQ_LEN, generator=generator) < 0.3)
+        probe = torch.rand(batch_size, 3, generator=generator, dtype=torch.float64).sort(1).values  # margin <= top probability
         states.append(
             DenoiseState(
                 num_steps=num_steps, step=step.clone(), t=t, mask_fraction=mask.clone(), previous_mask_fraction=previous.clone(),
                 reveal_count=torch.randint(1, 6, (batch_size,), generator=generator), flops=flops.clone(),
                 all_heavy_flops=flops.clone() * 1.5, model_flops=model_flops, last_action=last_action.clone(),
                 last_entropy=torch.rand(batch_size, generator=generator, dtype=torch.float64) * 5, seeds=torch.arange(batch_size),
-                extras={PROBE_ENTROPY: torch.rand(batch_size, generator=generator, dtype=torch.float64) * 5},
+                extras={
+                    PROBE_ENTROPY: probe[:, 2] * 5, PROBE_MAX_PROB: probe[:, 1], PROBE_MARGIN: probe[:, 0], REVEALING: revealing, MASKED: masked,
+                },
             )
         )
         previous, mask = mask, (mask - 0.05 * torch.rand(batch_size, generator=generator, dtype=torch.float64)).clamp(min=0)

@@ -23,10 +23,11 @@ import torch
 
 from adasched.sampling.random_streams import REVEAL, uniforms
 from adasched.sampling.trajectory import (
+    PROBE_STATISTICS,
     StepCounts,
     StepRows,
     Trajectory,
-    mean_entropy_per_row,
+    probe_statistics,
     sample,
 )
 
@@ -93,7 +94,7 @@ class ReferenceTrajectory(LockstepTrajectory):
     def probe(self, rows: StepRows) -> torch.Tensor:
         self._probe_logits = self.full_logits(self.probe_model, rows.device_slots, rows.device_steps, probe=True)
         owners = rows.reveal.nonzero(as_tuple=True)[0]
-        return mean_entropy_per_row(torch.softmax(self._probe_logits[rows.reveal].double(), -1), owners, len(rows.slots))
+        return probe_statistics(torch.softmax(self._probe_logits[rows.reveal].double(), -1), owners, len(rows.slots))
 
     def cache_is_valid(self, action: torch.Tensor) -> bool:
         time_dependent = any(self.models[m].config.time_conditioning for m in action.unique().tolist())
@@ -137,9 +138,9 @@ class StepTrajectory(LockstepTrajectory):
 
     def probe(self, rows: StepRows) -> torch.Tensor:
         active, device_active = self.revealing(rows)
-        entropy = torch.full((len(rows.slots),), float("nan"), dtype=torch.float64, device=self.device)
-        entropy[device_active] = self.probe_revealed(active)
-        return entropy
+        statistics = torch.full((len(rows.slots), len(PROBE_STATISTICS)), float("nan"), dtype=torch.float64, device=self.device)
+        statistics[device_active] = self.probe_revealed(active)
+        return statistics
 
     def denoise(self, rows: StepRows, action: torch.Tensor, counts: StepCounts) -> torch.Tensor:
         active, device_active = self.revealing(rows)

@@ -32,7 +32,10 @@ from adasched.models.dit import MDLMDenoiser
 from adasched.sampling.costs import CostMeter
 from adasched.sampling.policy import (
     ENTROPY,
+    MASKED,
     PROBE_ENTROPY,
+    PROBE_MARGIN,
+    PROBE_MAX_PROB,
     REVEALING,
     Z_T,
     DenoiseState,
@@ -100,12 +103,26 @@ def sample_categorical(logits: torch.Tensor, u: torch.Tensor, top_p: float = 1.0
     return draws.clamp_(max=logits.shape[-1] - 1), probs
 
 
+def row_means(values: torch.Tensor, rows: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """(num_rows, ...) float64 means of per-position ``values`` (N, ...) by the row ``rows`` (N,) names for each."""
+    total = torch.zeros(num_rows, *values.shape[1:], dtype=torch.float64, device=values.device).index_add_(0, rows, values.double())
+    count = torch.zeros(num_rows, dtype=torch.float64, device=values.device).index_add_(0, rows, torch.ones(len(rows), dtype=torch.float64, device=values.device))
+    return total / count.view(-1, *[1] * (values.dim() - 1))  # NaN where a row had no positions
+
+
 def mean_entropy_per_row(probs: torch.Tensor, rows: torch.Tensor, num_rows: int) -> torch.Tensor:
     """Mean predictive entropy of each row's positions; ``rows`` (N,) names the row of each of the N positions."""
-    entropy = torch.special.entr(probs).sum(-1)
-    total = torch.zeros(num_rows, dtype=torch.float64, device=probs.device).index_add_(0, rows, entropy)
-    count = torch.zeros(num_rows, dtype=torch.float64, device=probs.device).index_add_(0, rows, torch.ones_like(entropy))
-    return total / count  # NaN where a row had no positions
+    return row_means(torch.special.entr(probs).sum(-1), rows, num_rows)
+
+
+PROBE_STATISTICS = (PROBE_ENTROPY, PROBE_MAX_PROB, PROBE_MARGIN)  # the columns of ``probe_statistics``, as extras keys
+
+
+def probe_statistics(probs: torch.Tensor, rows: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """(num_rows, 3) each row's mean entropy, top probability and margin (top minus second probability) of
+    ``probs`` (N, V) over its positions (``rows`` as in ``mean_entropy_per_row``): what the probe tells a policy."""
+    top = probs.topk(2, dim=-1).values
+    return row_means(torch.stack([torch.special.entr(probs).sum(-1), top[:, 0], top[:, 0] - top[:, 1]], 1), rows, num_rows)
 
 
 @dataclass
@@ -291,10 +308,12 @@ class Trajectory(ABC):
         )
         probe_flops = torch.zeros(len(slots), dtype=torch.float64)
         if PROBE_ENTROPY in self.features:
-            state.extras[PROBE_ENTROPY] = self.probe(rows).cpu()  # the policy reads the device: its one wait
+            probed = self.probe(rows).cpu()  # the policy reads the device: its one wait
+            state.extras.update(zip(PROBE_STATISTICS, probed.unbind(1)))
             probe_flops = self.note_forward(slots, self.probe_model, rows.reveal_count, probe=True)[0]
         if REVEALING in self.features:  # already on the device: free to hand over
-            state.extras[Z_T], state.extras[REVEALING] = self.z_t(rows)
+            tokens, reveal = self.z_t(rows)
+            state.extras[Z_T], state.extras[REVEALING], state.extras[MASKED] = tokens, reveal, tokens == self.mask_id
         self._decision = (rows, state, probe_flops)
         return state
 
@@ -393,7 +412,7 @@ class Trajectory(ABC):
         logits = self.forward(self.probe_model, rows.device_slots, self.noise_level(rows.device_steps), flat, probe=True)
         owners = flat // self.spec.seq_len
         self._probe_logits, self._probe_rows = logits, owners
-        return mean_entropy_per_row(torch.softmax(logits.double(), -1), owners, len(rows.slots))
+        return probe_statistics(torch.softmax(logits.double(), -1), owners, len(rows.slots))
 
     def denoise_revealed(self, rows: StepRows, action: torch.Tensor, counts: StepCounts) -> torch.Tensor:
         """``denoise`` with one forward per chosen model over its rows, projecting only the revealing positions.
@@ -420,7 +439,7 @@ class Trajectory(ABC):
 
     @abstractmethod
     def probe(self, rows: StepRows) -> torch.Tensor:
-        """(R,) mean entropy (device) of the probe model's prediction at the positions revealing now (NaN where none)."""
+        """(R, 3) ``probe_statistics`` (device) of the probe model's prediction at the positions revealing now (NaN where none)."""
 
     @abstractmethod
     def denoise(self, rows: StepRows, action: torch.Tensor, counts: StepCounts) -> torch.Tensor:
