@@ -21,6 +21,7 @@ from adasched.analysis.pareto import (
     iso_quality_saving,
     pareto_summary,
 )
+from adasched.analysis.plots import shown_label
 from adasched.errors import ConfigError
 from adasched.jobs import sweep as sweep_job
 from adasched.jobs.sweep import merge_shards, sweep
@@ -153,3 +154,8 @@ def test_a_pareto_sweep_reports_every_front_and_reports_it_again_from_its_log_an
     page = dashboard(compose_config("dashboard", [f"sweep_dir={folder}", f"out_dir={tmp_path / 'dashboard'}"]), "python experiments/dashboard.py").read_text()
     assert "## Pareto fronts" in page and f"]({FIGURE_FILE})" in page and (tmp_path / "dashboard" / FIGURE_FILE).stat().st_size > 1000
     assert f"| `mask_fraction_router@0.17` | 0.17 | {fronts['mask_fraction_router@0.17']['saved_executed_%']} |" in page
+
+
+def test_figures_mark_an_analysis_only_run_and_no_other() -> None:
+    assert shown_label({"analysis_only": True}, "oracle@0.17") == "oracle@0.17 (analysis, greedy)"
+    assert shown_label({"analysis_only": False}, "kl_router@0.17") == shown_label({}, "kl_router@0.17") == "kl_router@0.17"

@@ -26,12 +26,11 @@ from adasched.analysis.comparison import (
     seed_baseline_of,
     to_csv,
 )
-from adasched.analysis.plots import GEN_PPL, PATH_KL_MEASURES, save_figure
+from adasched.analysis.plots import GEN_PPL, PATH_KL_MEASURES, save_figure, shown_label
 from adasched.errors import ConfigError
 from adasched.io import write_text_atomic
 
 ORACLE = "oracle"  # the policy name of the analysis oracle: the other end of the headroom
-ORACLE_LABEL = "oracle (analysis, greedy)"
 ISO_QUALITY_BUDGET = 0.17  # the reference's excess at this budget is the quality every front is read at
 RESAMPLES, BOOTSTRAP_SEED = 2000, 0
 PARETO_COLUMNS = (
@@ -161,14 +160,13 @@ def plot_pareto(records: Sequence[dict[str, Any]], level: dict[str, Any] | None,
     figure, axes = plt.subplots(1, len(measures), figsize=(6 * len(measures), 4.5))
     for index, arm in enumerate(arms):
         group = sorted((r for r in records if r["arm"] == arm), key=saving)
-        oracle = group[0]["policy"] == ORACLE
-        style = {"color": "black", "marker": "*", "markersize": 10, "linewidth": 2.0} if oracle else {"color": palette(index), "marker": "o", "markersize": 4, "linewidth": 1.2}
+        style = {"color": "black", "marker": "*", "markersize": 10, "linewidth": 2.0} if group[0]["policy"] == ORACLE else {"color": palette(index), "marker": "o", "markersize": 4, "linewidth": 1.2}
         for axis, (_, value) in zip(axes, measures):
             shown = [r for r in group if value(r) is not None]
             if shown:
                 axis.errorbar(
                     [100 * saving(r) for r in shown], [value(r)["mean"] for r in shown], yerr=[value(r)["ci95"] for r in shown],
-                    linestyle="-" if len(shown) > 1 else "none", capsize=3, label=ORACLE_LABEL if oracle else arm, **style,
+                    linestyle="-" if len(shown) > 1 else "none", capsize=3, label=shown_label(group[0], arm), **style,
                 )
     if level is not None:
         line = axes[0].axhline(level["path_kl_excess"], color="gray", linestyle=":", linewidth=1, label=f"{level['label']}: the iso-quality level")

@@ -9,12 +9,12 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # files only: no display on servers and in CI
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from matplotlib.colors import ListedColormap  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from matplotlib.colors import ListedColormap
 
-from adasched.io import atomic_path  # noqa: E402
+from adasched.io import atomic_path
 
 MODEL_COLORS = ["#1f4e79", "#d62728", "#ff9896", "#2ca02c", "#9467bd"]
 
@@ -54,6 +54,12 @@ PATH_KL_MEASURES: tuple[QualityMeasure, ...] = (
 
 
 NAMED_POLICIES = 20  # up to this many policies get a color and a legend entry each; more (a search) are drawn alike
+ANALYSIS_MARK = " (analysis, greedy)"  # after the name of an analysis-only policy (the oracle) in every figure
+
+
+def shown_label(row: dict, label: str) -> str:
+    """``label`` as a figure shows it: marked where the run is analysis only (the oracle), not a deployable policy."""
+    return label + ANALYSIS_MARK if row.get("analysis_only") else label
 
 
 def plot_quality_vs_compute(rows: Sequence[dict], path: Path, saving_key: str = "saved_executed") -> Path:
@@ -76,7 +82,7 @@ def plot_quality_vs_compute(rows: Sequence[dict], path: Path, saving_key: str = 
             axis.errorbar(
                 [100 * r["flops"][saving_key] for r in group], [value(r)["mean"] for r in group], yerr=[value(r)["ci95"] for r in group],
                 fmt="o-" if len(group) > 1 else "o", color=palette(index) if named else "#1f4e79", capsize=3, markersize=4,
-                linewidth=1, alpha=1.0 if named else 0.5, label=name if named else None,
+                linewidth=1, alpha=1.0 if named else 0.5, label=shown_label(group[0], name) if named else None,
             )
         axis.set_xlabel(f"{saving_key.removeprefix('saved_')} FLOPs saved against all-heavy, %")
         axis.set_ylabel(label)
@@ -108,7 +114,7 @@ def plot_arms(rows: Sequence[dict], path: Path) -> Path:
         if ranked:
             axis.set_xlabel(f"{len(rows)} arms, ranked (names in table.csv)")
         else:
-            axis.set_xticks(positions, [r["label"] for r in rows], rotation=45, ha="right")
+            axis.set_xticks(positions, [shown_label(r, r["label"]) for r in rows], rotation=45, ha="right")
         axis.set_ylabel(label)
         axis.grid(axis="y", alpha=0.3)
     figure.tight_layout()
