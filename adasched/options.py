@@ -94,14 +94,14 @@ OPTIONS: list[tuple[str, Spec]] = [
     ("top_p", number("(0, 1]")),
     ("validation_fraction", number("(0, 1)")),
     ("gamma gae_lambda", number("[0, 1]")),
-    ("tolerance learning_rate fit.lr router.lr max_price", number("> 0")),
-    ("quality_weight lambda_init lambda_lr lambda_lr_decay lambda_kp budget_penalty learning_rate_end ent_coef", number(">= 0")),
+    ("tolerance learning_rate fit.lr router.lr max_price prices.scale", number("> 0")),
+    ("quality_weight learning_rate_end ent_coef", number(">= 0")),
     ("threshold", number()),  # kl_router's default is null: the threshold its fit suggests
-    ("price", number()),  # the oracle's: negative under the excess objective (its range is checked where it is built)
+    ("price prices.low prices.high", number()),  # negative under the excess objective (ranges are checked where they are built)
     ("steps_timed threads", integer(">= 1", nullable=True)),  # null: every step to the end; torch's own thread count
     (
         "num_samples batch_size num_steps seq_len num_trajectories record_every repeats torch_threads "
-        "devices num_nodes num_shards num_envs total_timesteps n_steps n_epochs checkpoint_every_n_timesteps "
+        "devices num_nodes num_shards num_envs total_timesteps n_steps n_epochs checkpoint_every_n_timesteps curve_buckets reward_buckets "
         "fit.hidden fit.depth fit.steps router.hidden router.steps d_model n_heads vocab_size validation_size top_k eval_samples",
         integer(">= 1"),
     ),

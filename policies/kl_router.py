@@ -244,7 +244,7 @@ class KLRouter(Policy):
     def reset(self, num_steps: int, num_models: int) -> None:
         super().reset(num_steps, num_models)
         check_model_index(self, max(self.light, self.heavy), num_models)
-        if num_models != self.info["num_models"]:
+        if num_models < self.info["num_models"]:
             raise ConfigError(f"the KL router was fitted on a family of {self.info['num_models']} models but this one has {num_models}")
 
     def act(self, state: DenoiseState) -> torch.Tensor:

@@ -1,8 +1,11 @@
 """A router learned with PPO (``experiments/train_router.py``): one small MLP decides every row's model.
 
-Its inputs are ``adasched.sampling.features.router_features`` of the ``DenoiseState``, the same columns the
+Its inputs are ``adasched.sampling.features.router_inputs`` of the ``DenoiseState``, the same columns the
 training environment (``adasched.rl.env``) shows the agent, so a trained router sees at sampling time
-exactly what it saw in training. The export holds only the PPO policy's actor, as safetensors weights and a
+exactly what it saw in training. A price-conditioned router (its ``router.json`` records the ``prices`` it was
+trained on) also reads the price of compute, which is its knob: ``budget=`` calibrates the price, and a price
+outside the trained range is refused. Routers trained for one budget (no ``prices``) are moved by a bias on
+the log-odds of the light members instead. The export holds only the PPO policy's actor, as safetensors weights and a
 JSON of its architecture and training metadata: loading a router runs no pickled code and needs no RL library.
 """
 
@@ -13,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -20,7 +24,7 @@ from torch import nn
 from adasched.errors import ConfigError
 from adasched.io import atomic_path, write_json_atomic
 from adasched.models.dit import MDLMDenoiser
-from adasched.sampling.features import feature_names, router_features
+from adasched.sampling.features import needed_features, router_input_names, router_inputs
 from adasched.sampling.policy import (
     ENTROPY,
     DenoiseState,
@@ -28,10 +32,12 @@ from adasched.sampling.policy import (
     check_budget,
     register_policy,
 )
+from adasched.sampling.prices import PriceRange
 from adasched.sampling.spec import SamplingSpec
 
 WEIGHTS, METADATA = "router.safetensors", "router.json"
-TRAIN_COMMAND = "python experiments/train_router.py budget=0.17"
+TRAIN_COMMAND = "python experiments/train_router.py"
+LIGHT_BIAS_RANGE = (-20.0, 20.0)  # log-odds: beyond it a fixed-price router's choice no longer moves
 
 
 class RouterNetwork(nn.Module):
@@ -66,7 +72,8 @@ def load(directory: Path) -> tuple[RouterNetwork, dict[str, Any]]:
     if not (directory / WEIGHTS).is_file() or not (directory / METADATA).is_file():
         raise ConfigError(f"no trained router in {directory} ({WEIGHTS}, {METADATA}); make one with: {TRAIN_COMMAND} export_dir={directory}")
     info = json.loads((directory / METADATA).read_text(encoding="utf-8"))
-    if "num_models" not in info or info.get("features") != feature_names(info["num_models"]) or "architecture" not in info:
+    expected = router_input_names(info.get("num_models", 0), info.get("extra_features", []), "prices" in info)
+    if "num_models" not in info or info.get("features") != expected or "architecture" not in info:
         raise ConfigError(f"the router in {directory} was trained on other features or another format; retrain it with: {TRAIN_COMMAND} export_dir={directory}")
     network = RouterNetwork(len(info["features"]), info["architecture"]["hidden"], info["num_models"])
     network.load_state_dict(load_file(directory / WEIGHTS))
@@ -90,38 +97,80 @@ def router_for_budget(path: Path, budget: float | None) -> Path:
 
 @register_policy("learned_router")
 class LearnedRouter(Policy):
-    """Acts deterministically with an exported PPO router, per row and step: the most likely model after
-    adding ``light_bias`` to the log-odds of every model but the heavy one.
+    """Acts deterministically with an exported PPO router, per row and step: the member with the largest logit.
 
-    ``light_bias`` is the calibration knob: a router trained for one budget (through the Lagrangian) is
-    moved to another, or held to its own on new seeds, the same way every other policy is, while keeping the
-    router's ranking of states.
+    A price-conditioned router reads ``price`` (nats per full heavy forward's FLOPs), its calibration knob on the
+    asinh scale it was trained on; ``budget=`` finds the price that saves it. A router trained for one budget
+    instead adds ``light_bias`` to the log-odds of every member but the heavy one: the knob that moves it to another
+    budget, or holds it to its own on new seeds, while keeping its ranking of states.
     """
 
     features = frozenset({ENTROPY})
-    knob_range = (-20.0, 20.0)
 
-    def __init__(self, path: str, light_bias: float = 0.0, budget: float | None = None) -> None:
+    def __init__(self, path: str, light_bias: float = 0.0, budget: float | None = None, price: float | None = None) -> None:
         if budget is not None:
             check_budget(budget)
         self.network, self.info = load(router_for_budget(Path(path), budget))
-        self.light_bias, self.budget = light_bias, budget
+        self.budget, self.light_bias = budget, light_bias
         self.trained_against = self.info.get("seed_baseline")  # routers trained before objectives existed are raw
+        self.trained_members = tuple(self.info["family"]["members"]) if "family" in self.info else None
+        self.extras = list(self.info.get("extra_features", []))
+        self.features = frozenset({ENTROPY}) | needed_features(self.extras)
+        self.probe_model = self.info.get("probe_model")
+        self.prices = PriceRange(**self.info["prices"]) if "prices" in self.info else None
+        if self.prices is None:
+            self.knob_range = LIGHT_BIAS_RANGE
+            return
+        if light_bias:
+            raise ConfigError(f"policy.light_bias={light_bias} is for routers trained at one price; this router reads a price (policy.price) instead")
+        self.knob_range = self.prices.codes
+        if price is not None:
+            self.prices.check(price)
+            self.code = self.prices.encode(price)
+        elif budget is None:
+            raise ConfigError(
+                f"the router in {path} reads a price: pass budget=<fraction> to calibrate it, or policy.price=<nats per heavy forward in [{self.prices.low:g}, {self.prices.high:g}]>"
+            )
+        else:
+            self.code = self.initial_knob(budget, [], SamplingSpec(1, 1))
+
+    @property
+    def price(self) -> float | None:
+        """The price the router is charged (nats per full heavy forward); None for a router trained at one price."""
+        return None if self.prices is None else self.prices.decode(self.code)
 
     def set_knob(self, value: float) -> None:
-        self.light_bias = value
+        if self.prices is None:
+            self.light_bias = value
+        else:
+            self.code = value
 
     def initial_knob(self, budget: float, models: Sequence[MDLMDenoiser], spec: SamplingSpec) -> float:
-        """The configured bias, by default none: the router was trained for the budget nearest this one."""
-        return self.light_bias
+        """A fixed-price router: its configured bias (it was trained for the budget nearest this one). A priced one:
+        the price at which its training episodes saved ``budget``, interpolated between their price buckets."""
+        if self.prices is None:
+            return self.light_bias
+        buckets = [value for value in self.info.get("convergence", {}).values() if isinstance(value, dict) and "saved_executed" in value]
+        centres = sorted((bucket["saved_executed"]["last"], sum(map(self.prices.encode, bucket["prices"])) / 2) for bucket in buckets)
+        if len(centres) < 2:
+            return sum(self.knob_range) / 2
+        savings, codes = zip(*centres)
+        return float(np.interp(budget, savings, codes))
+
+    def describe_knob_end(self, knob: float) -> str:
+        if self.prices is None:
+            return f"at light bias {knob:g}, an end of [{self.knob_range[0]:g}, {self.knob_range[1]:g}]"
+        return f"at price {self.prices.decode(knob):.4g}, an end of the prices it was trained on, [{self.prices.low:g}, {self.prices.high:g}]"
 
     def reset(self, num_steps: int, num_models: int) -> None:
         super().reset(num_steps, num_models)
-        if num_models != self.info["num_models"]:
+        if num_models < self.info["num_models"]:
             raise ConfigError(f"the learned router chooses among {self.info['num_models']} models but the family has {num_models}")
 
     def act(self, state: DenoiseState) -> torch.Tensor:
+        codes = None if self.prices is None else torch.full((state.batch_size,), self.code, dtype=torch.float64)
         with torch.no_grad():
-            logits = self.network(router_features(state, self.num_models)).double()
-        logits[:, 1:] += self.light_bias
+            logits = self.network(router_inputs(state, self.info["num_models"], self.extras, codes)).double()
+        if self.prices is None:
+            logits[:, 1:] += self.light_bias
         return logits.argmax(dim=1).to(state.step.device)

@@ -22,9 +22,15 @@ SHIPPED = ROOT / "checkpoints" / "shakespeare"
 VOCAB, MASK = 30, 29
 
 
+TINY_MEMBERS = "family.members=[heavy,light]"  # the tiny family's members (the shipped family has three more)
+
+
 def compose_config(name: str, overrides: list[str]) -> DictConfig:
+    """The entry point's config with ``overrides``; one that points ``family.dir`` at a tiny family and names no
+    members gets the tiny family's two (``TINY_MEMBERS``)."""
+    tiny = any(o.startswith("family.dir=") for o in overrides) and not any(o.startswith("family.members=") for o in overrides)
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose(config_name=name, overrides=overrides, return_hydra_config=False)
+        return compose(config_name=name, overrides=[*overrides, *([TINY_MEMBERS] if tiny else [])], return_hydra_config=False)
 
 
 def family(depths: tuple[int, ...] = (3, 1), vocab: int = VOCAB, seq_len: int = 16, dtype: torch.dtype = torch.float64) -> list[MDLMDenoiser]:

@@ -24,7 +24,7 @@ from adasched.sampling.costs import CostMeter
 from adasched.sampling.generation import generate
 from adasched.sampling.spec import SamplingSpec
 from policies import make_policy
-from tests.helpers import ROOT
+from tests.helpers import TINY_MEMBERS, ROOT
 
 
 def test_predict_path_matches_the_in_process_loop(tiny_family: Path) -> None:
@@ -58,7 +58,7 @@ def test_a_non_positive_device_count_is_refused() -> None:
 
 def run_job(tiny_family: Path, run_dir: Path, devices: int) -> dict:
     overrides = [
-        f"family.dir={tiny_family}", "sampling.num_samples=7", "sampling.batch_size=2", "sampling.num_steps=20",
+        f"family.dir={tiny_family}", TINY_MEMBERS, "sampling.num_samples=7", "sampling.batch_size=2", "sampling.num_steps=20",
         "sampling.seq_len=16", "eval.batch_size=3", "eval.heldout_text=false", "policy=static_sandwich", "policy.light_fraction=0.5",
         "device=cpu", "parallel.accelerator=cpu", f"parallel.devices={devices}", f"hydra.run.dir={run_dir}",
     ]

@@ -65,11 +65,11 @@ def test_every_scalar_option_rejects_a_value_of_another_kind_by_name(name: str) 
     ("name", "overrides", "message"),
     [
         ("run", ["budget=1.5"], "budget=1.5 is invalid; it must be a number in (0, 1) or null"),
-        ("train_router", ["budget=null"], "budget=null is invalid; it must be a number in (0, 1)"),
+        ("train_router", ["prices.high=null"], "prices.high=null is invalid; it must be a number"),
         ("run", ["seed=true"], "seed=True is invalid; it must be an integer >= 0"),
         ("run", ["sampling.top_p=0"], "sampling.top_p=0 is invalid; it must be a number in (0, 1]"),
         ("run", ["device=cuda:x"], "device='cuda:x' is invalid; it must be one of: auto, cpu, cuda, cuda:N"),
-        ("train_router", ["env.lambda_kp=-1"], "env.lambda_kp=-1 is invalid; it must be a number >= 0"),
+        ("train_router", ["prices.scale=-1"], "prices.scale=-1 is invalid; it must be a number > 0"),
         ("benchmark", ["size.paper.steps_timed=0"], "size.paper.steps_timed=0 is invalid; it must be an integer >= 1 or null"),
         ("sweep", ["experiment.segment_search=3"], "experiment.segment_search=3 is invalid; it must be a mapping"),
     ],

@@ -29,7 +29,7 @@ def test_every_registered_policy_has_a_config_and_passes_the_checker() -> None:
     for config in configs:
         # one router of the shipped folder (one per budget): a router meets a budget through its light bias, which
         # every run with budget= calibrates on real trajectories, not at its default bias on the checker's random states
-        chosen = [f"policy.path={ROOT}/checkpoints/shakespeare/routers/learned_router/budget0.17"] if config == "learned_router" else []
+        chosen = [f"policy.path={ROOT}/checkpoints/shakespeare/routers/learned_router_per_budget/budget0.17"] if config.startswith("learned_router") else []
         policy_config = compose_config("run", [f"policy={config}", *chosen]).policy
         assert policy_config.name in registered_policies()
         if "path" in policy_config and not Path(policy_config.path).exists():  # a router fitted once its inputs exist (kl_router_excess: heavy_seed3)

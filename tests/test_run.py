@@ -20,7 +20,7 @@ from adasched.data.tokenizer import load_tokenizer
 from adasched.errors import ConfigError
 from adasched.jobs.fit_kl_router import fit_kl_router
 from adasched.jobs.run import run
-from tests.helpers import ROOT, SHIPPED, compose_config, fit_kl_router_config
+from tests.helpers import TINY_MEMBERS, ROOT, SHIPPED, compose_config, fit_kl_router_config
 
 RESULT_FIELDS = ("policy", "num_samples", "seq_len", "steps", "gen_ppl", "entropy", "flops", "wall_s", "forwards", "precision")
 
@@ -167,7 +167,7 @@ def test_a_multirun_gives_each_policy_config_its_own_folder(tiny_family: Path, t
     for objective, folder in (("raw", "kl_router"), ("excess", "kl_router_excess")):
         fit_kl_router(fit_kl_router_config(tiny_family, checkpoints / "shakespeare" / "routers" / folder, f"objective={objective}"))
     result = run_cli(
-        "-m", "policy=kl_router,kl_router_excess", f"paths.checkpoints={checkpoints}", f"family.dir={tiny_family}",
+        "-m", "policy=kl_router,kl_router_excess", f"paths.checkpoints={checkpoints}", f"family.dir={tiny_family}", TINY_MEMBERS,
         "sampling.num_samples=2", "sampling.num_steps=10", "sampling.seq_len=16", "eval.compare_to_heavy=false", "device=cpu",
         "logger.mode=disabled", f"hydra.sweep.dir={tmp_path / 'multirun'}",
     )

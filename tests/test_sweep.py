@@ -28,7 +28,7 @@ from adasched.jobs import sweep as sweep_job
 from adasched.jobs.fit_kl_router import fit_kl_router
 from adasched.jobs.sweep import merge_shards, pair_against, sweep
 from adasched.models.family import load_family
-from tests.helpers import ROOT, compose_config, fit_kl_router_config, fitted_kl_router, sweep_config
+from tests.helpers import TINY_MEMBERS, ROOT, compose_config, fit_kl_router_config, fitted_kl_router, sweep_config
 
 ARMS = ["static_heavy", "static_sandwich", "mask_fraction_router", "entropy_probe", "entropy_lagged"]
 
@@ -285,7 +285,7 @@ def test_shards_merge_to_the_single_job_table_with_the_segment_analysis(tiny_fam
 @pytest.mark.slow
 def test_a_hydra_multirun_over_shards_with_joblib_merges(tiny_family: Path, tmp_path: Path) -> None:
     settings = [
-        f"family.dir={tiny_family}", "sampling.num_samples=4", "sampling.batch_size=4", "sampling.num_steps=20", "sampling.seq_len=16",
+        f"family.dir={tiny_family}", TINY_MEMBERS, "sampling.num_samples=4", "sampling.batch_size=4", "sampling.num_steps=20", "sampling.seq_len=16",
         "eval.batch_size=4", "logger.mode=disabled", "device=cpu", *SEARCH,
     ]
     shards = ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "experiment.num_shards=2", "experiment.shard_index=range(0,2)"]

@@ -15,6 +15,7 @@ import torch
 from matplotlib.colors import ListedColormap
 
 from adasched.io import atomic_path
+from adasched.sampling.prices import bucket_of
 
 MODEL_COLORS = ["#1f4e79", "#d62728", "#ff9896", "#2ca02c", "#9467bd"]
 
@@ -150,24 +151,39 @@ def plot_mask_rate_profile(rates: Sequence[float], excess: dict[str, Sequence[fl
     return save_figure(figure, path)
 
 
-def plot_router_curve(curve_csv: Path, path: Path, title: str, budget: float | None = None) -> Path:
-    """A router's training: episode return, path KL, executed saving (and its target) and lambda against
-    timesteps; each rollout's value thin, and a running mean over a tenth of the rollouts, where flatness shows."""
-    with curve_csv.open(newline="", encoding="utf-8") as handle:
-        rows = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(handle)]
-    steps = np.array([row["timesteps"] / 1000 for row in rows])
-    window = max(1, len(rows) // 10)
-    figure, axes = plt.subplots(1, 4, figsize=(14, 3.2))
-    for axis, (key, label) in zip(axes, [("episode_return", "episode return"), ("path_kl", "path KL (nats/sequence)"), ("saved_executed", "executed FLOPs saved"), ("lambda", "lambda")]):
-        values = np.array([row[key] for row in rows])
-        axis.plot(steps, values, linewidth=0.6, alpha=0.4, color=MODEL_COLORS[0])
-        if window > 1:
-            axis.plot(steps[window - 1 :], np.convolve(values, np.ones(window) / window, mode="valid"), linewidth=1.6, color=MODEL_COLORS[0])
-        if key == "saved_executed" and budget is not None:
-            axis.axhline(budget, color="black", linewidth=0.8, linestyle="--")
+def plot_router_curve(
+    episodes_csv: Path, path: Path, title: str, buckets: Sequence[tuple[float, float]], members: Sequence[str], windows: int = 20
+) -> Path:
+    """A price-conditioned router's training, per price bucket (one line each): episode return, excess (path KL for
+    a raw run), executed saving, each a mean over ``windows`` equal spans of timesteps; and each member's share of
+    the decisions over the last fifth of timesteps, per bucket (where a collapse to one member shows)."""
+    with episodes_csv.open(newline="", encoding="utf-8") as handle:
+        rows = [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(handle)]
+    quality = "excess" if rows and "excess" in rows[0] else "path_kl"
+    measures = [("episode_return", "episode return"), (quality, f"{quality.replace('_', ' ')} (nats/sequence)"), ("saved_executed", "executed FLOPs saved")]
+    end = max((row["timesteps"] for row in rows), default=1.0)
+    edges = np.linspace(0, end, windows + 1)
+    figure, axes = plt.subplots(1, 4, figsize=(17, 3.4))
+    colors = plt.get_cmap("viridis")(np.linspace(0, 0.9, len(buckets)))
+    in_bucket = [[row for row in rows if bucket_of(row["price"], buckets) == index] for index in range(len(buckets))]
+    for axis, (key, label) in zip(axes, measures):
+        for color, (low, high), mine in zip(colors, buckets, in_bucket):
+            spans = [[row[key] for row in mine if a < row["timesteps"] <= b] for a, b in zip(edges[:-1], edges[1:])]
+            centres = [(a + b) / 2000 for (a, b), values in zip(zip(edges[:-1], edges[1:]), spans) if values]
+            axis.plot(centres, [np.mean(values) for values in spans if values], color=color, linewidth=1.4, label=f"{low:.3g}..{high:.3g}")
         axis.set_xlabel("timesteps (thousands)")
         axis.set_title(label, fontsize=10)
         axis.grid(alpha=0.3)
+    axes[0].legend(title="price (nats/heavy forward)", fontsize=7, title_fontsize=7)
+    bottom = np.zeros(len(buckets))
+    for member, name in enumerate(members):
+        shares = np.array([np.mean([row.get(f"share_{member}", 0.0) for row in mine if row["timesteps"] > 0.8 * end] or [0.0]) for mine in in_bucket])
+        axes[3].bar(range(len(buckets)), shares, bottom=bottom, color=MODEL_COLORS[member % len(MODEL_COLORS)], label=name)
+        bottom += shares
+    axes[3].set_xticks(range(len(buckets)), [f"{low:.2g}..{high:.2g}" for low, high in buckets], fontsize=7)
+    axes[3].set_xlabel("price bucket")
+    axes[3].set_title("share of decisions, last fifth", fontsize=10)
+    axes[3].legend(fontsize=7)
     figure.suptitle(title)
     figure.tight_layout()
     return save_figure(figure, path)

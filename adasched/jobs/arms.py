@@ -27,8 +27,9 @@ from adasched.analysis.evaluation import (
     mean_ci95,
     sample_nll,
 )
-from adasched.analysis.path_kl import path_kl
+from adasched.analysis.path_kl import forward_flops, path_kl
 from adasched.analysis.plots import plot_path_kl_per_step, plot_schedule
+from adasched.analysis.schedule_profile import member_shares, saving_by_quarter
 from adasched.data.tokenizer import load_tokenizer
 from adasched.compute import resolve_device, resolve_precision
 from adasched.errors import ConfigError
@@ -151,6 +152,18 @@ def check_judged_by_another_seed(cfg: DictConfig, label: str, policy: Policy) ->
     other = cfg.family.seed_baseline if cfg.family.seed_baseline not in (None, judge) else "<a heavy from another seed>"
     raise ConfigError(
         f"policy {label} was trained against {judge}; judge it with another seed baseline (eval.seed_baseline={other}) or eval.seed_baseline=null"
+    )
+
+
+def check_trained_members(cfg: DictConfig, label: str, policy: Policy) -> None:
+    """Refuse, before any model loads, a router whose members are not the family's first ones: its action m means
+    the m-th member it was trained on."""
+    trained = policy.trained_members
+    if trained is None or tuple(cfg.family.members[: len(trained)]) == trained:
+        return
+    raise ConfigError(
+        f"policy {label} chooses among the members it was trained on, [{', '.join(trained)}], but family.members is "
+        f"[{', '.join(cfg.family.members)}]; pass family.members=[{','.join(trained)}] (more members may follow)"
     )
 
 
@@ -313,6 +326,17 @@ class ArmOutcome:
     texts: list[str]
 
 
+def schedule_record(setting: ArmSetting, generation: Generation) -> dict[str, Any]:
+    """Where along the trajectory the run saved (per quarter of the steps) and each member's share of its decisions."""
+    length = setting.spec.seq_len
+    trunk = [forward_flops(model, 1, 0, length) for model in setting.models]
+    projection = [forward_flops(model, 0, 1, length) for model in setting.models]
+    return {
+        "saved_by_quarter": saving_by_quarter(generation.actions, generation.reveal_step, trunk, projection),
+        "member_shares": dict(zip(setting.names, member_shares(generation.actions, len(setting.models)))),
+    }
+
+
 def evaluate_arm(
     setting: ArmSetting, label: str, policy: Policy, reference_nll: torch.Tensor | None = None,
     samples_path: Path | None = None, schedule_path: Path | None = None,
@@ -334,6 +358,7 @@ def evaluate_arm(
         "label": label, "policy": policy.name, "analysis_only": policy.analysis_only, "seeds": generation.seeds.tolist(), **quality,
         **meter.summary(), **({} if policy.analysis_only else {"wall_s": {"sampling": generation.wall_s}}),
     }
+    record |= schedule_record(setting, generation)
     if setting.cfg.eval.path_kl:
         record |= path_kl_record(setting, generation)
     if calibration is not None:

@@ -22,6 +22,7 @@ from adasched.jobs.arms import (
     PER_SAMPLE_KEYS,
     check_decision_baseline,
     check_judged_by_another_seed,
+    check_trained_members,
     evaluate_arm,
     heldout_text_record,
     load_setting,
@@ -45,6 +46,7 @@ def parallel_trainer(cfg: DictConfig) -> L.Trainer | None:
 def run(cfg: DictConfig) -> dict[str, Any]:
     policy = instantiate(cfg.policy)  # first: a bad policy value fails before any model loads
     check_judged_by_another_seed(cfg, cfg.policy.name, policy)
+    check_trained_members(cfg, cfg.policy.name, policy)
     check_decision_baseline(cfg, "policy.", policy)
     spec = sampling_spec(cfg)
     policy.reset(spec.num_steps, len(cfg.family.members))  # a schedule that does not fit the steps fails here too

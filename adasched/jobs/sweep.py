@@ -46,6 +46,7 @@ from adasched.jobs.arms import (
     PER_SAMPLE_KEYS,
     check_decision_baseline,
     check_judged_by_another_seed,
+    check_trained_members,
     evaluate_arm,
     load_setting,
     sampling_precision,
@@ -144,6 +145,7 @@ def sweep(cfg: DictConfig) -> list[dict[str, Any]]:
     for arm in arms:
         arm.policy.reset(spec.num_steps, len(cfg.family.members))
         check_judged_by_another_seed(cfg, arm.label, arm.policy)
+        check_trained_members(cfg, arm.label, arm.policy)
         check_decision_baseline(cfg, f"experiment.arms.{arm.name}.", arm.policy)
     run_dir = Path(cfg.run_dir)
     settings = sweep_settings(cfg)

@@ -1,4 +1,10 @@
-"""``train_router(cfg)``: train the ``learned_router`` with PPO on batched sampling episodes, resumably, and export it.
+"""``train_router(cfg)``: train the price-conditioned ``learned_router`` with PPO on batched sampling episodes,
+resumably, and export it.
+
+One run learns a policy for every price of compute in ``prices`` (each episode draws its own, and the router reads
+it), so one router serves every budget: ``budget=`` calibrates its price at evaluation. The training curve is kept
+per episode (``training_episodes.csv``) and drawn per price bucket (``training_curve.png``): a price-conditioned
+router can converge at some prices and not at others, which a curve pooled over prices would hide.
 
 A plain function (the ``@hydra.main`` wrapper lives in ``experiments/train_router.py``) so tests can call it
 with a composed, shrunken config.
@@ -26,64 +32,52 @@ from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import BaseCallback, CheckpointCallback
 from stable_baselines3.common.logger import KVWriter, Logger, configure
 from stable_baselines3.common.utils import LinearSchedule
-from stable_baselines3.common.vec_env import VecMonitor, VecNormalize
+from stable_baselines3.common.vec_env import VecMonitor
 from torch import nn
 
 from adasched.analysis.evaluation import load_evaluator
 from adasched.analysis.plots import plot_router_curve
+from adasched.compute import resolve_device, resolve_precision
 from adasched.data.tokenizer import load_tokenizer
 from adasched.errors import ConfigError
 from adasched.io import atomic_path, write_json_atomic, write_text_atomic
-from adasched.compute import resolve_device, resolve_precision
 from adasched.jobs.arms import load_members, training_seed_baseline
-from adasched.rl.env import (
-    EpisodeConfig,
-    LagrangeMultiplier,
-    ModelScheduleVecEnv,
-    evaluator_scorer,
-)
-from adasched.sampling.features import feature_names
+from adasched.rl.env import EpisodeConfig, ModelScheduleVecEnv, PriceScaledRewards, evaluator_scorer
+from adasched.sampling.features import check_feature_names, needed_features, router_input_names
+from adasched.sampling.policy import PROBE_ENTROPY
+from adasched.sampling.prices import PriceRange, bucket_label, bucket_of
 from adasched.sampling.spec import SamplingSpec
 from policies import learned
 
 CHECKPOINT_PREFIX = "router"
+EPISODES_FILE, CURVE_PLOT = "training_episodes.csv", "training_curve.png"
+CURVE_MEASURES = ("episode_return", "path_kl", "excess", "saved_executed")  # what the curve and its convergence follow
 
 
-def training_state(multiplier: LagrangeMultiplier, rewards: VecNormalize) -> dict[str, Any]:
-    """What PPO's own checkpoint lacks: lambda (its integral term and step count) and the running scale of the returns that rewards are divided by."""
-    scale = rewards.ret_rms
-    return {
-        "lambda": multiplier.value, "lambda_updates": multiplier.updates, "lambda_integral": multiplier.integral,
-        "return_scale": {"mean": float(scale.mean), "var": float(scale.var), "count": float(scale.count)},
-    }
-
-
-def restore_return_scale(rewards: VecNormalize, state: dict[str, Any]) -> None:
-    """Continue a run with the return scale it had (a checkpoint without one starts a fresh scale)."""
-    if "return_scale" in state:
-        scale = rewards.ret_rms
-        scale.mean, scale.var, scale.count = (np.float64(state["return_scale"][key]) for key in ("mean", "var", "count"))
+def training_state(rewards: PriceScaledRewards) -> dict[str, Any]:
+    """What PPO's own checkpoint lacks: the running scales of the returns that rewards are divided by."""
+    return {"return_scales": rewards.state()}
 
 
 class RouterCheckpoint(CheckpointCallback):
-    """SB3's periodic checkpoint plus the training state (lambda, return scale), written first so every model has it."""
+    """SB3's periodic checkpoint plus the training state (the return scales), written first so every model has it."""
 
-    def __init__(self, save_freq: int, save_path: Path, multiplier: LagrangeMultiplier, rewards: VecNormalize) -> None:
+    def __init__(self, save_freq: int, save_path: Path, rewards: PriceScaledRewards) -> None:
         super().__init__(save_freq, str(save_path), name_prefix=CHECKPOINT_PREFIX)
-        self.multiplier, self.rewards = multiplier, rewards
+        self.rewards = rewards
 
     def _on_step(self) -> bool:
         if self.n_calls % self.save_freq == 0:
             Path(self.save_path).mkdir(parents=True, exist_ok=True)
-            write_json_atomic(Path(self._checkpoint_path("lambda_", "json")), training_state(self.multiplier, self.rewards))
+            write_json_atomic(Path(self._checkpoint_path("state_", "json")), training_state(self.rewards))
         return super()._on_step()
 
 
-def save_checkpoint(model: PPO, checkpoint_dir: Path, multiplier: LagrangeMultiplier, rewards: VecNormalize) -> None:
+def save_checkpoint(model: PPO, checkpoint_dir: Path, rewards: PriceScaledRewards) -> None:
     """The final state, so a rerun of a finished run resumes at its end instead of its last periodic save."""
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     stem = f"{CHECKPOINT_PREFIX}_{{}}{model.num_timesteps}_steps"
-    write_json_atomic(checkpoint_dir / f"{stem.format('lambda_')}.json", training_state(multiplier, rewards))
+    write_json_atomic(checkpoint_dir / f"{stem.format('state_')}.json", training_state(rewards))
     model.save(checkpoint_dir / f"{stem.format('')}.zip")
 
 
@@ -95,80 +89,80 @@ def latest_checkpoint(checkpoint_dir: Path, resume: bool) -> tuple[Path, dict[st
     if not resume:
         raise ConfigError(f"{checkpoint_dir} already holds a run; pass resume=true to continue it or another run_dir to start anew")
     step = max(steps)
-    state = json.loads((checkpoint_dir / f"{CHECKPOINT_PREFIX}_lambda_{step}_steps.json").read_text(encoding="utf-8"))
+    state = json.loads((checkpoint_dir / f"{CHECKPOINT_PREFIX}_state_{step}_steps.json").read_text(encoding="utf-8"))
     return checkpoint_dir / f"{CHECKPOINT_PREFIX}_{step}_steps.zip", state
 
 
-CURVE_FILE, CURVE_PLOT = "training_curve.csv", "training_curve.png"
-CURVE_COLUMNS = ("timesteps", "wall_s", "episodes", "episode_return", "path_kl", "saved_executed", "lambda")
+class TrainingEpisodes(BaseCallback):
+    """One row per finished episode: when it ended (timesteps, wall clock), its price, return, path KL, excess,
+    executed saving and each member's share of its decisions.
 
-
-class TrainingCurve(BaseCallback):
-    """One row per PPO rollout: mean return, path KL and executed saving of the episodes it finished, and lambda.
-
-    Written to ``path`` (rewritten atomically, so a resumed run continues the same curve) and to SB3's logger
-    (CSV, and W&B when on).
+    Written to ``path`` at every rollout's end (rewritten atomically, so a resumed run continues the same file),
+    and per price bucket to SB3's logger (CSV, and W&B when on).
     """
 
-    def __init__(self, path: Path, multiplier: LagrangeMultiplier, timesteps: int) -> None:
-        """Continues the curve of a run resumed at ``timesteps`` (rows written after that checkpoint are redone)."""
+    def __init__(self, path: Path, timesteps: int, buckets: list[tuple[float, float]]) -> None:
+        """Continues the episodes of a run resumed at ``timesteps`` (rows written after that checkpoint are redone)."""
         super().__init__()
-        self.path, self.multiplier = path, multiplier
+        self.path, self.buckets = path, buckets
         self.rows: list[dict[str, float]] = []
         if path.exists():
             with path.open(newline="", encoding="utf-8") as handle:
                 self.rows = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(handle) if float(row["timesteps"]) <= timesteps]
         self.wall_s = self.rows[-1]["wall_s"] if self.rows else 0.0
-        self.episodes: list[dict[str, float]] = []
+        self.new: list[dict[str, float]] = []
 
     def _on_training_start(self) -> None:
-        self.clock = time.perf_counter()
+        self.clock = time.perf_counter() - self.wall_s
 
     def _on_step(self) -> bool:
         for info in self.locals["infos"]:
             if "saved_executed" in info:
-                self.episodes.append({"return": info["episode"]["r"] if "episode" in info else float("nan"), **info})
+                summary = {key: value for key, value in info.items() if key not in ("terminal_observation", "episode", "executed_flops", "all_heavy_flops")}
+                wall = round(time.perf_counter() - self.clock, 1)
+                self.new.append({"timesteps": float(self.num_timesteps), "wall_s": wall, "episode_return": float(info["episode"]["r"]), **summary})
         return True
 
     def _on_rollout_end(self) -> None:
-        if not self.episodes:
+        if not self.new:
             return
-        row = {
-            "timesteps": float(self.num_timesteps), "wall_s": round(self.wall_s + time.perf_counter() - self.clock, 1),
-            "episodes": float(len(self.episodes)), "episode_return": float(np.mean([e["return"] for e in self.episodes])),
-            "path_kl": float(np.mean([e["path_kl"] for e in self.episodes])),
-            "saved_executed": float(np.mean([e["saved_executed"] for e in self.episodes])), "lambda": self.multiplier.value,
-        }
-        self.rows.append(row)
-        self.episodes = []
-        for key in CURVE_COLUMNS[2:]:
-            self.logger.record(f"router/{key}", row[key])
+        for index, bucket in enumerate(self.buckets):
+            episodes = [row for row in self.new if bucket_of(row["price"], self.buckets) == index]
+            for key in CURVE_MEASURES:
+                if episodes and key in episodes[0]:
+                    self.logger.record(f"router/{bucket_label(bucket)}/{key}", float(np.mean([row[key] for row in episodes])))
+        self.rows += self.new
+        self.new = []
         buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=CURVE_COLUMNS)
+        writer = csv.DictWriter(buffer, fieldnames=list(self.rows[0]))
         writer.writeheader()
         writer.writerows(self.rows)
         write_text_atomic(self.path, buffer.getvalue())
 
 
-def convergence(rows: list[dict[str, float]], last_fraction: float = 0.2) -> dict[str, Any]:
-    """How flat the curve ended: each measure's mean over the last ``last_fraction`` of timesteps, its change from
-    the window before (as long), and that change's 95% interval from the rollouts' spread in the two windows.
-    A measure is flat when its change lies within the interval (a strict test: neighbouring rollouts are
-    correlated, so the spread understates the noise); a flat run's saving also sits at the budget."""
+def convergence(rows: list[dict[str, float]], buckets: list[tuple[float, float]], last_fraction: float = 0.2) -> dict[str, Any]:
+    """How flat the curve ended, per price bucket: each measure's mean over the episodes of the last ``last_fraction``
+    of timesteps, its change from the window before (as long), and that change's 95% interval from the episodes'
+    spread in the two windows. A measure is flat when its change lies within the interval."""
     if not rows:
         return {}
     end = rows[-1]["timesteps"]
-    last = [r for r in rows if r["timesteps"] > end * (1 - last_fraction)]
-    before = [r for r in rows if end * (1 - 2 * last_fraction) < r["timesteps"] <= end * (1 - last_fraction)]
-    summary: dict[str, Any] = {"last_fraction": last_fraction, "rollouts_last": len(last)}
-    for key in ("episode_return", "path_kl", "saved_executed", "lambda"):
-        now, then = np.array([r[key] for r in last]), np.array([r[key] for r in before])
-        summary[f"{key}_last"] = round(float(now.mean()), 4)
-        summary[f"{key}_change"] = summary[f"{key}_change_ci95"] = summary[f"{key}_flat"] = None
-        if len(now) >= 2 and len(then) >= 2:
-            change = float(now.mean() - then.mean())
-            ci95 = 1.96 * float(np.sqrt(now.var(ddof=1) / len(now) + then.var(ddof=1) / len(then)))
-            summary |= {f"{key}_change": round(change, 4), f"{key}_change_ci95": round(ci95, 4), f"{key}_flat": abs(change) <= ci95}
+    summary: dict[str, Any] = {"last_fraction": last_fraction}
+    for index, bucket in enumerate(buckets):
+        mine = [row for row in rows if bucket_of(row["price"], buckets) == index]
+        last = [r for r in mine if r["timesteps"] > end * (1 - last_fraction)]
+        before = [r for r in mine if end * (1 - 2 * last_fraction) < r["timesteps"] <= end * (1 - last_fraction)]
+        result: dict[str, Any] = {"prices": list(bucket), "episodes_last": len(last)}
+        for key in CURVE_MEASURES:
+            if not last or key not in last[0]:
+                continue
+            now, then = np.array([r[key] for r in last]), np.array([r[key] for r in before])
+            result[key] = {"last": round(float(now.mean()), 4), "change": None, "change_ci95": None, "flat": None}
+            if len(now) >= 2 and len(then) >= 2:
+                change = float(now.mean() - then.mean())
+                ci95 = 1.96 * float(np.sqrt(now.var(ddof=1) / len(now) + then.var(ddof=1) / len(then)))
+                result[key] |= {"change": round(change, 4), "change_ci95": round(ci95, 4), "flat": abs(change) <= ci95}
+        summary[bucket_label(bucket)] = result
     return summary
 
 
@@ -218,26 +212,40 @@ def actor_network(model: PPO) -> learned.RouterNetwork:
     return network.eval()
 
 
-def export_router(model: PPO, export_dir: Path, info: dict[str, Any], curve: Path) -> Path:
-    """Write the router (``policies.learned``'s safetensors and JSON) and the training curve with its figure,
+def export_router(model: PPO, export_dir: Path, info: dict[str, Any], episodes: Path, buckets: list[tuple[float, float]]) -> Path:
+    """Write the router (``policies.learned``'s safetensors and JSON) and the training episodes with their figure,
     as one folder, atomically."""
     export_dir.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(export_dir) as partial:
         learned.save(actor_network(model), partial, info)
-        if curve.exists():
-            shutil.copyfile(curve, partial / CURVE_FILE)
-            plot_router_curve(curve, partial / CURVE_PLOT, f"learned_router, budget {info['budget']}", info["budget"])
+        if episodes.exists():
+            shutil.copyfile(episodes, partial / EPISODES_FILE)
+            plot_router_curve(episodes, partial / CURVE_PLOT, "learned_router: training per price bucket", buckets, info["family"]["members"])
     return export_dir
 
 
+def probe_member(cfg: DictConfig, extras: list[str]) -> int | None:
+    """The member whose probe forward the probe features read (``env.probe_model``), checked; None without them."""
+    if PROBE_ENTROPY not in needed_features(extras):
+        return None
+    members = list(cfg.family.members)
+    if not 0 < cfg.env.probe_model < len(members):
+        raise ConfigError(f"env.probe_model={cfg.env.probe_model} is invalid; it must index a member other than the heavy, in [1, {len(members) - 1}]")
+    return int(cfg.env.probe_model)
+
+
 def train_router(cfg: DictConfig) -> dict[str, Any]:
-    """Train PPO against the budget's Lagrangian; returns the JSON written next to the exported router."""
+    """Train PPO on priced episodes; returns the JSON written next to the exported router."""
     torch.set_num_threads(cfg.torch_threads)
+    members = list(cfg.family.members)
+    prices = PriceRange(cfg.prices.low, cfg.prices.high, cfg.prices.scale)
+    extras = list(cfg.env.extra_features)
+    check_feature_names(extras, len(members))
+    probe = probe_member(cfg, extras)
     baseline = training_seed_baseline(cfg.env, "env.", cfg.family.dir)
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.sampling.precision, device)
     print(f"sampling precision: {precision}")
-    members = list(cfg.family.members)
     models, seed_baseline = load_members(cfg.family.dir, members, baseline, precision, device)
     score = None
     if cfg.env.quality_weight:  # the evaluator term is optional: path KL is the quality reward
@@ -247,19 +255,15 @@ def train_router(cfg: DictConfig) -> dict[str, Any]:
     run_dir = Path(cfg.run_dir)
     checkpoint_dir = run_dir / "checkpoints"
     latest = latest_checkpoint(checkpoint_dir, cfg.resume)
-    state = latest[1] if latest else {"lambda": cfg.env.lambda_init}
-    multiplier = LagrangeMultiplier(
-        state["lambda"], cfg.env.lambda_lr, cfg.budget, cfg.env.lambda_lr_decay, cfg.env.lambda_kp, state.get("lambda_updates", 0), state.get("lambda_integral")
-    )
     spec = SamplingSpec(cfg.sampling.num_steps, cfg.sampling.seq_len, cfg.env.num_envs, cfg.sampling.top_p)
-    episodes = EpisodeConfig(models, spec, cfg.budget, multiplier, score, cfg.env.quality_weight, cfg.env.budget_penalty, seed_baseline)
+    episodes = EpisodeConfig(models, spec, prices, seed_baseline, score, cfg.env.quality_weight, tuple(extras), probe)
     env = ModelScheduleVecEnv(episodes, cfg.env.num_envs, seed=cfg.seed)
-    # Rewards are divided by the running scale of the returns: unscaled, a return of -lambda x ~seq_len heavy
-    # forwards makes the value loss so large that PPO's gradient clipping leaves the policy's gradient ~0.
-    venv = VecNormalize(VecMonitor(env), norm_obs=False, norm_reward=True, gamma=cfg.ppo.gamma)
+    # Rewards are divided by the running scale of the returns at their price: unscaled, a return of -price x
+    # ~seq_len heavy forwards makes the value loss so large that PPO's gradient clipping leaves the policy's gradient ~0.
+    venv = PriceScaledRewards(VecMonitor(env), prices.codes, cfg.env.reward_buckets, cfg.ppo.gamma)
     if latest:
-        restore_return_scale(venv, latest[1])
-        print(f"resuming from {latest[0]} (lambda {multiplier.value:.4f})")
+        venv.load_state(latest[1]["return_scales"])
+        print(f"resuming from {latest[0]}")
         model = PPO.load(latest[0], env=venv, device="cpu")
     else:
         ppo = OmegaConf.to_container(cfg.ppo, resolve=True)
@@ -268,24 +272,27 @@ def train_router(cfg: DictConfig) -> dict[str, Any]:
         ppo["learning_rate"] = LinearSchedule(ppo["learning_rate"], ppo.pop("learning_rate_end"), end_fraction=1.0)
         model = PPO("MlpPolicy", venv, policy_kwargs={"net_arch": net_arch}, seed=cfg.seed, device="cpu", **ppo)
     model.set_logger(make_logger(cfg, run_dir))
-    curve = TrainingCurve(run_dir / CURVE_FILE, multiplier, model.num_timesteps)
-    callbacks = [RouterCheckpoint(max(1, cfg.checkpoint_every_n_timesteps // cfg.env.num_envs), checkpoint_dir, multiplier, venv), curve]
+    buckets = prices.buckets(cfg.curve_buckets)
+    curve = TrainingEpisodes(run_dir / EPISODES_FILE, model.num_timesteps, buckets)
+    callbacks = [RouterCheckpoint(max(1, cfg.checkpoint_every_n_timesteps // cfg.env.num_envs), checkpoint_dir, venv), curve]
     remaining = cfg.ppo.total_timesteps - model.num_timesteps
     if remaining > 0:
         model.learn(remaining, callback=callbacks, progress_bar=cfg.progress_bar, reset_num_timesteps=False)
-        save_checkpoint(model, checkpoint_dir, multiplier, venv)
+        save_checkpoint(model, checkpoint_dir, venv)
     model.logger.close()
 
     info = {
-        "features": feature_names(len(models)),
+        "features": router_input_names(len(models), extras, priced=True),
+        "extra_features": extras,
+        "probe_model": probe,
         "num_models": len(models),
         "family": {"name": cfg.family.name, "members": members},
-        "budget": cfg.budget,
+        "member_flops": [float(m.flops_per_forward(spec.seq_len, spec.seq_len)) for m in models],
+        "prices": prices.as_dict(),  # learned_router refuses a price outside it
         "objective": cfg.env.objective,
         "seed_baseline": baseline,  # the floor it was trained against: runs refuse to judge it with the same one
-        "lambda": multiplier.value,
-        "training_curve": CURVE_FILE,
-        "convergence": convergence(curve.rows),
+        "training_episodes": EPISODES_FILE,
+        "convergence": convergence(curve.rows, buckets),
         "train_wall_seconds": curve.rows[-1]["wall_s"] if curve.rows else None,
         "precision": precision,
         "num_steps": cfg.sampling.num_steps,
@@ -293,7 +300,6 @@ def train_router(cfg: DictConfig) -> dict[str, Any]:
         "timesteps": model.num_timesteps,
         "num_envs": cfg.env.num_envs,
         "quality_weight": cfg.env.quality_weight,
-        "budget_penalty": cfg.env.budget_penalty,
         "seed": cfg.seed,
         "command": command_line(),
         "trained_on": f"{platform.machine()} {device}",
@@ -301,11 +307,11 @@ def train_router(cfg: DictConfig) -> dict[str, Any]:
         "stable_baselines3": stable_baselines3.__version__,
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    export_router(model, Path(cfg.export_dir), info, run_dir / CURVE_FILE)
-    print(f"exported learned_router to {cfg.export_dir}: {model.num_timesteps} timesteps, lambda {multiplier.value:.4f}")
-    flat = {key: info["convergence"].get(f"{key}_flat") for key in ("episode_return", "path_kl", "saved_executed", "lambda")}
-    if None in flat.values():
-        print("too few rollouts to tell whether the curves are flat")
-    else:
-        print("flat over the last fifth (change within its 95% interval): " + ", ".join(f"{key} {'yes' if v else 'no'}" for key, v in flat.items()))
+    export_router(model, Path(cfg.export_dir), info, run_dir / EPISODES_FILE, buckets)
+    print(f"exported learned_router to {cfg.export_dir}: {model.num_timesteps} timesteps, prices [{prices.low:g}, {prices.high:g}]")
+    for label, result in info["convergence"].items():
+        if isinstance(result, dict):
+            flat = {key: result[key]["flat"] for key in CURVE_MEASURES if key in result}
+            verdict = "too few episodes to tell" if None in flat.values() else ", ".join(f"{key} {'flat' if v else 'moving'}" for key, v in flat.items())
+            print(f"  {label}: {verdict}")
     return info

@@ -63,6 +63,14 @@ class KnobGuess(Protocol):
     def initial_knob(self, budget: float, models: Sequence[MDLMDenoiser], spec: SamplingSpec) -> float: ...
 
 
+@runtime_checkable
+class KnobNames(Protocol):
+    """A calibratable policy that says in its own units where an end of its knob's range lies (e.g. a router's
+    price, whose knob is on another scale): what an out-of-reach budget's error names."""
+
+    def describe_knob_end(self, knob: float) -> str: ...
+
+
 @dataclass(frozen=True)
 class Try:
     """One try: the knob, the executed saving it gave on the calibration seeds, and its sampling's wall clock."""
@@ -283,9 +291,10 @@ def calibrate(
         over = min((t for t in history if t.saved > target), key=lambda t: t.knob, default=None)
         if over is None and under is not None and under.knob == high_end or under is None and over is not None and over.knob == low_end:
             end = under or over
+            where = policy.describe_knob_end(end.knob) if isinstance(policy, KnobNames) else f"at {end.knob:g}, an end of [{low_end:g}, {high_end:g}]"
             raise ConfigError(
                 f"budget={target} is out of reach for policy {getattr(policy, 'name', '?')}: its knob saves at "
-                f"{'most' if over is None else 'least'} {end.saved:.3f} of the executed FLOPs (at {end.knob:g}, an end of [{low_end:g}, {high_end:g}])"
+                f"{'most' if over is None else 'least'} {end.saved:.3f} of the executed FLOPs ({where})"
             )
         low = under.knob if under is not None else low_end
         high = over.knob if over is not None else high_end

@@ -29,6 +29,7 @@ from adasched.sampling.policy import (
     REVEALING,
     DenoiseState,
 )
+from adasched.sampling.prices import PRICE_FEATURE, PriceRange
 
 
 def feature_names(num_models: int) -> list[str]:
@@ -72,11 +73,13 @@ def router_features(state: DenoiseState, num_models: int) -> torch.Tensor:
     return torch.column_stack(columns).float()
 
 
-def feature_space(num_models: int) -> spaces.Box:
-    """Bounds of the ``feature_names`` columns (the environments' observation space)."""
-    low = np.array([0, 0, 0, 0, -np.inf, 0, 0, *[0] * num_models], dtype=np.float32)
-    high = np.array([1, 1, 1, np.inf, 1, np.inf, 1, *[1] * num_models], dtype=np.float32)
-    return spaces.Box(low, high, dtype=np.float32)
+def feature_space(num_models: int, extras: Sequence[str] = (), prices: PriceRange | None = None) -> spaces.Box:
+    """Bounds of the ``router_input_names`` columns (the environments' observation space); every extra feature is
+    non-negative."""
+    price_low, price_high = prices.codes if prices is not None else (None, None)
+    low = [0, 0, 0, 0, -np.inf, 0, 0, *[0] * num_models, *[0] * len(extras), *([price_low] if prices else [])]
+    high = [1, 1, 1, np.inf, 1, np.inf, 1, *[1] * num_models, *[np.inf] * len(extras), *([price_high] if prices else [])]
+    return spaces.Box(np.array(low, dtype=np.float32), np.array(high, dtype=np.float32), dtype=np.float32)
 
 
 # What each policy feature costs a deployed router that asks the sampler for it.
@@ -193,3 +196,18 @@ def named_features(state: DenoiseState, num_models: int, names: Sequence[str]) -
     computed = extra_features(state, extras)
     picked = [base[:, columns.index(name)] if name in columns else computed[:, extras.index(name)] for name in names]
     return torch.stack(picked, 1) if picked else torch.zeros(state.batch_size, 0)
+
+
+def router_input_names(num_models: int, extras: Sequence[str], priced: bool) -> list[str]:
+    """The columns of ``router_inputs``: ``router_features``' own, then ``extras``, then the price code if ``priced``."""
+    return [*feature_names(num_models), *extras, *([PRICE_FEATURE] if priced else [])]
+
+
+def router_inputs(state: DenoiseState, num_models: int, extras: Sequence[str], price_codes: torch.Tensor | None) -> torch.Tensor:
+    """(B, F) float32 inputs of the PPO router and its environment, in ``router_input_names`` order: the same code at
+    training and at sampling time. ``price_codes`` (B,) are the rows' prices on the asinh scale
+    (``adasched.sampling.prices``); None for a router trained at one price."""
+    columns = [router_features(state, num_models), extra_features(state, extras)]
+    if price_codes is not None:
+        columns.append(price_codes.detach().cpu().float()[:, None])
+    return torch.cat(columns, 1)

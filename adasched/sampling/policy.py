@@ -92,6 +92,9 @@ class Policy(ABC):
     # The seed baseline a router learned the excess over (a heavy from another seed), None for the rest: judged
     # with that same floor a router would be graded on its own training signal, so runs refuse it.
     trained_against: str | None = None
+    # The family members (by name, in order) a router was trained on: it chooses among them, so the family it runs
+    # in must list them first (more may follow); None for policies that name no members.
+    trained_members: tuple[str, ...] | None = None
     # A reference for analysis, not a policy a sampler could deploy (the oracle decides with hindsight of every
     # member's increment): runs report no wall clock or speedup for it, only its quality and the FLOPs its choices cost.
     analysis_only: ClassVar[bool] = False
