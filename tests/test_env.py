@@ -161,13 +161,13 @@ def test_train_export_resume_and_the_policy_acts_like_the_router(tiny_family: Pa
     saved = json.loads((tmp_path / "router" / "router.json").read_text())
     assert saved["timesteps"] == info["timesteps"] >= 256 and saved["features"] == router_input_names(2, [], priced=True)
     assert saved["objective"] == "raw" and saved["seed_baseline"] is None and saved["family"]["members"] == ["heavy", "light"]
-    assert saved["prices"] == {"low": -0.02, "high": 4.0, "scale": 0.005}
+    assert saved["prices"] == {"low": -0.02, "high": 2.0, "scale": 0.005}
     resumed = train_router(router_config(tiny_family, tmp_path))  # at the end: exports again, with the whole record
     assert all(resumed[key] == info[key] for key in ("timesteps", "convergence", "train_wall_seconds")) and info["convergence"]
     with (tmp_path / "router" / "training_episodes.csv").open() as handle:
         episodes = list(csv.DictReader(handle))
     assert len(episodes) >= 4 and float(episodes[-1]["timesteps"]) <= info["timesteps"] and (tmp_path / "router" / "training_curve.png").is_file()
-    assert all(0 <= float(row["path_kl"]) and -0.02 <= float(row["price"]) <= 4.0 for row in episodes)
+    assert all(0 <= float(row["path_kl"]) and -0.02 <= float(row["price"]) <= 2.0 for row in episodes)
 
     policy = make_policy("learned_router", path=str(tmp_path / "router"), price=0.5)
     assert policy.trained_against is None and policy.trained_members == ("heavy", "light") and policy.price == pytest.approx(0.5)
@@ -218,7 +218,7 @@ def test_a_checkpoint_keeps_the_return_scale_of_every_price_bucket(tiny_family: 
     info = train_router(router_config(tiny_family, tmp_path))
     state = json.loads((tmp_path / "run" / "checkpoints" / f"router_state_{info['timesteps']}_steps.json").read_text())
     assert len(state["return_scales"]) == 8 and sum(scale["count"] > 1 for scale in state["return_scales"]) >= 4
-    rewards = PriceScaledRewards(ModelScheduleVecEnv(episode_config(tiny_family), num_envs=4), PriceRange(-0.02, 4.0, 0.005).codes, 8, 1.0)
+    rewards = PriceScaledRewards(ModelScheduleVecEnv(episode_config(tiny_family), num_envs=4), PriceRange(-0.02, 2.0, 0.005).codes, 8, 1.0)
     rewards.load_state(state["return_scales"])
     assert training_state(rewards) == state
     with pytest.raises(ConfigError, match="keeps 8 return scales but env.reward_buckets=4"):
@@ -245,7 +245,7 @@ def test_rewards_are_scaled_by_their_price_buckets_own_return_scale(tiny_family:
 def test_a_price_outside_the_trained_range_and_other_bad_input_fail_on_one_line(tiny_family: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=f"no trained router in {tmp_path}.*python experiments/train_router.py"):
         make_policy("learned_router", path=str(tmp_path))
-    with pytest.raises(ConfigError, match="prices.low=5.0 must lie below prices.high=4.0"):
+    with pytest.raises(ConfigError, match="prices.low=5.0 must lie below prices.high=2.0"):
         train_router(router_config(tiny_family, tmp_path, "prices.low=5.0"))
     with pytest.raises(ConfigError, match="prices.scale=0.0 is invalid"):
         train_router(router_config(tiny_family, tmp_path, "prices.scale=0.0"))
@@ -263,7 +263,7 @@ def test_a_price_outside_the_trained_range_and_other_bad_input_fail_on_one_line(
     trained = tmp_path / "trained"
     train_router(router_config(tiny_family, trained, "ppo.total_timesteps=64"))
     router = str(trained / "router")
-    with pytest.raises(ConfigError, match=r"policy.price=9 lies outside the prices the router was trained on, \[-0.02, 4\]"):
+    with pytest.raises(ConfigError, match=r"policy.price=9 lies outside the prices the router was trained on, \[-0.02, 2\]"):
         make_policy("learned_router", path=router, price=9.0)
     with pytest.raises(ConfigError, match=r"reads a price: pass budget=<fraction> to calibrate it, or policy.price="):
         make_policy("learned_router", path=router)
@@ -274,7 +274,7 @@ def test_a_price_outside_the_trained_range_and_other_bad_input_fail_on_one_line(
     # a budget beyond what the trained prices reach: the error names the price range, not the knob's asinh scale
     models = list(load_family({name: tiny_family / name for name in ("heavy", "light")}).values())
     policy = make_policy("learned_router", path=router, budget=0.99)
-    with pytest.raises(ConfigError, match=r"budget=0.99 is out of reach .* saves at most .* \(at price 4, an end of the prices it was trained on, \[-0.02, 4\]\)"):
+    with pytest.raises(ConfigError, match=r"budget=0.99 is out of reach .* saves at most .* \(at price 2, an end of the prices it was trained on, \[-0.02, 2\]\)"):
         calibrate(policy, models, torch.arange(100, 104), SamplingSpec(STEPS, SEQ_LEN, batch_size=4), tolerance=0.001)
 
 
