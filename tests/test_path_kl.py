@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from adasched.analysis.path_kl import categorical_kl, forward_flops, path_kl
+from adasched.analysis.path_kl import categorical_kl, forward_flops, path_kl, step_kl
 from adasched.sampling.spec import SamplingSpec
 from adasched.sampling.trajectory import sample
 from policies import make_policy
@@ -124,3 +124,27 @@ def test_nucleus_kl_is_infinite_where_q_can_draw_what_p_cannot() -> None:
     p = torch.log(torch.tensor([[0.1, 0.3, 0.6]]))
     assert categorical_kl(q, q).item() == 0.0 and categorical_kl(q, p).item() > 0
     assert categorical_kl(q, p, top_p=0.5).item() == math.inf  # q keeps token 0, p's nucleus drops it
+
+
+def test_one_steps_kl_over_rows_on_several_members_is_each_rows_own() -> None:
+    """step_kl runs the heavy and the seed baseline once on every non-heavy row and each member on its own rows:
+    every row gets what it would alone, and the FLOPs count each forward once."""
+    members = family((3, 1, 2))
+    seed = family((3,))[0]
+    torch.manual_seed(1)
+    tokens = torch.randint(0, 28, (6, 16))
+    reveal = torch.rand(6, 16) < 0.3
+    reveal[3] = False  # a row revealing nothing adds nothing
+    tokens[~reveal] = 29  # the revealing positions are masked in z_t
+    t = torch.full((6,), 0.6, dtype=torch.float64)
+    action = torch.tensor([0, 1, 2, 1, 2, 0])
+    together = step_kl(members, tokens, t, reveal, action, seed_baseline=seed)
+    for row in range(6):
+        alone = step_kl(members, tokens[row : row + 1], t[row : row + 1], reveal[row : row + 1], action[row : row + 1], seed_baseline=seed)
+        assert together.kl[row].item() == pytest.approx(alone.kl[0].item(), rel=1e-9, abs=1e-12)
+        assert together.floor[row].item() == pytest.approx(alone.floor[0].item(), rel=1e-9, abs=1e-12)
+    assert together.kl[[0, 5]].tolist() == [0.0, 0.0] and (together.kl[[1, 2, 4]] > 0).all() and together.kl[3] == 0
+    projected = int(reveal[[1, 2, 3, 4]].sum())  # the heavy and the seed on the four rows off the heavy
+    expected = forward_flops(members[0], 4, projected, 16) + forward_flops(seed, 4, projected, 16)
+    expected += forward_flops(members[1], 2, int(reveal[[1, 3]].sum()), 16) + forward_flops(members[2], 2, int(reveal[[2, 4]].sum()), 16)
+    assert together.flops == pytest.approx(expected)

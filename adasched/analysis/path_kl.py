@@ -82,28 +82,31 @@ def step_kl(
     """Each row's path-KL increment for one step: the KL summed over its ``reveal`` positions of z_t ``tokens``,
     and with a ``seed_baseline`` its floor increment, KL(q_seed || p_heavy) at the same positions.
 
-    Rows on model 0 (heavy) add exactly 0 to both and run nothing.
+    Rows on model 0 (heavy) add exactly 0 to both and run nothing. The heavy and the seed baseline run once on all
+    the other rows, each other member on its own rows.
     """
     increment = torch.zeros(len(tokens), dtype=torch.float64, device=tokens.device)
     floor = None if seed_baseline is None else torch.zeros_like(increment)
     t, action = t.to(tokens.device), action.to(tokens.device)  # a sampler's state and a policy's actions live on the host
-    flops = 0.0
+    rows = (action != 0).nonzero(as_tuple=True)[0]
+    if not len(rows):
+        return StepKL(increment, floor, 0.0)
     seq_len = tokens.shape[1]
-    heavy = models[0]
-    for model_index in action.unique().tolist():
-        if model_index == 0:
-            continue
-        rows = (action == model_index).nonzero(as_tuple=True)[0]
-        z, t_rows, positions = tokens[rows], t[rows], reveal[rows]
-        p = revealed_logits(heavy, z, t_rows, positions)
-        chosen = models[model_index]
-        increment[rows] = revealed_kl(chosen, p, z, t_rows, positions, top_p)
-        ran = [heavy, chosen]
-        if seed_baseline is not None:
-            floor[rows] = revealed_kl(seed_baseline, p, z, t_rows, positions, top_p)
-            ran.append(seed_baseline)
-        flops += sum(forward_flops(model, len(rows), int(positions.sum()), seq_len) for model in ran)
-    return StepKL(increment, floor, flops)
+    z, t_rows, positions, chosen = tokens[rows], t[rows], reveal[rows], action[rows]
+    p = revealed_logits(models[0], z, t_rows, positions)
+    owner = positions.nonzero(as_tuple=True)[0]  # the row (of ``rows``) of each revealed position, in p's order
+    ran = [(models[0], len(rows), int(positions.sum()))]
+    if seed_baseline is not None:
+        floor[rows] = row_sums(categorical_kl(revealed_logits(seed_baseline, z, t_rows, positions), p, top_p), owner, len(rows))
+        ran.append((seed_baseline, len(rows), int(positions.sum())))
+    for model_index in chosen.unique().tolist():
+        mine = chosen == model_index
+        kept = mine[owner]  # the positions of this member's rows, in p's order
+        rank = mine.cumsum(0) - 1  # each of its rows' index among them
+        q = revealed_logits(models[model_index], z[mine], t_rows[mine], positions[mine])
+        increment[rows[mine]] = row_sums(categorical_kl(q, p[kept], top_p), rank[owner[kept]], int(mine.sum()))
+        ran.append((models[model_index], int(mine.sum()), int(positions[mine].sum())))
+    return StepKL(increment, floor, sum(forward_flops(model, count, projected, seq_len) for model, count, projected in ran))
 
 
 @dataclass
