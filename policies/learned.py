@@ -132,7 +132,7 @@ class LearnedRouter(Policy):
                 f"the router in {path} reads a price: pass budget=<fraction> to calibrate it, or policy.price=<nats per heavy forward in [{self.prices.low:g}, {self.prices.high:g}]>"
             )
         else:
-            self.code = self.initial_knob(budget, [], SamplingSpec(1, 1))
+            self.code = self.code_saving(budget)
 
     @property
     def price(self) -> float | None:
@@ -147,9 +147,12 @@ class LearnedRouter(Policy):
 
     def initial_knob(self, budget: float, models: Sequence[MDLMDenoiser], spec: SamplingSpec) -> float:
         """A fixed-price router: its configured bias (it was trained for the budget nearest this one). A priced one:
-        the price at which its training episodes saved ``budget``, interpolated between their price buckets."""
-        if self.prices is None:
-            return self.light_bias
+        ``code_saving(budget)``."""
+        return self.light_bias if self.prices is None else self.code_saving(budget)
+
+    def code_saving(self, budget: float) -> float:
+        """The price code at which the router's last training episodes saved ``budget``, interpolated between the
+        price buckets' (the middle of the range where the record has too few)."""
         buckets = [value for value in self.info.get("convergence", {}).values() if isinstance(value, dict) and "saved_executed" in value]
         centres = sorted((bucket["saved_executed"]["last"], sum(map(self.prices.encode, bucket["prices"])) / 2) for bucket in buckets)
         if len(centres) < 2:

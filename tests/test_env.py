@@ -320,3 +320,18 @@ def test_convergence_compares_the_last_fifth_of_each_price_buckets_episodes_with
     assert low["path_kl"]["flat"] and low["saved_executed"]["last"] == pytest.approx(0.05) and high["saved_executed"]["last"] == pytest.approx(0.15)
     assert "excess" not in low  # a raw run measures no floor
     assert convergence([], buckets) == {} and convergence(rows[:2], buckets)["price 0..1"]["episode_return"]["change"] is None
+
+
+def test_calibration_starts_at_the_price_where_the_training_episodes_saved_the_budget(tmp_path: Path) -> None:
+    prices = PriceRange(-0.02, 2.0, 0.005)
+    buckets = prices.buckets(2)
+    names = router_input_names(2, [], priced=True)
+    info = {
+        "features": names, "num_models": 2, "prices": prices.as_dict(),
+        "convergence": {"last_fraction": 0.2, **{f"bucket{i}": {"prices": list(b), "saved_executed": {"last": saved}} for i, (b, saved) in enumerate(zip(buckets, (0.1, 0.5)))}},
+    }
+    learned.save(learned.RouterNetwork(len(names), [4], 2), tmp_path, info)
+    policy = make_policy("learned_router", path=str(tmp_path), budget=0.3)
+    centres = [sum(map(prices.encode, bucket)) / 2 for bucket in buckets]
+    assert policy.code_saving(0.3) == pytest.approx(sum(centres) / 2) and policy.code_saving(0.1) == pytest.approx(centres[0])
+    assert policy.price == pytest.approx(prices.decode(sum(centres) / 2))  # where it stands before calibration moves it
