@@ -62,6 +62,10 @@ def test_every_arm_runs_at_every_budget_and_pairs_with_the_reference(tiny_family
     figures = list((tmp_path / "schedules").glob("*.png"))  # a schedule and a per-step path KL curve per arm
     assert len(list((tmp_path / "samples").glob("*.jsonl"))) == len(rows) == len(figures) // 2 == sum(f.stem.endswith("_path_kl") for f in figures)
     assert (tmp_path / "quality_vs_compute.png").stat().st_size > 1000 and (tmp_path / "path_kl_per_step.png").stat().st_size > 1000
+    records = {record["label"]: record for record in (json.loads(line) for line in (tmp_path / "arms.jsonl").read_text().splitlines())}
+    assert records["static_heavy"]["saved_by_quarter"] == [0.0] * 4 and records["static_heavy"]["member_shares"] == {"heavy": 1.0, "light": 0.0}
+    sandwich = records["static_sandwich@0.33"]["saved_by_quarter"]  # light at both ends: it saves in the outer quarters
+    assert min(sandwich[0], sandwich[3]) > max(sandwich[1], sandwich[2]) and (tmp_path / "saving_by_quarter.png").stat().st_size > 1000
 
 
 def three_arm_sweep_config(family: Path, run_dir: Path) -> DictConfig:

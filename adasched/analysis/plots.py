@@ -189,6 +189,39 @@ def plot_router_curve(
     return save_figure(figure, path)
 
 
+def plot_saving_by_quarter(records: Sequence[dict], path: Path) -> Path | None:
+    """Where each run saved: its executed saving in each quarter of the steps (t = 1 on the left), one row per run,
+    with each member's share of its decisions beside it; a router that spends its saving early (budget
+    bankruptcy) is dark on the left, one that collapses onto a member is one colour on the right. None where no
+    run recorded it (runs made before it was recorded)."""
+    shown = [r for r in records if "saved_by_quarter" in r]
+    if not shown:
+        return None
+    members = list(shown[0]["member_shares"])
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 1.5 + 0.28 * len(shown)), gridspec_kw={"width_ratios": [1, 1.2]})
+    values = np.array([r["saved_by_quarter"] for r in shown])
+    image = left.imshow(values, aspect="auto", cmap="Blues", vmin=min(0.0, values.min()), vmax=max(values.max(), 1e-9))
+    for (row, column), value in np.ndenumerate(values):
+        left.text(column, row, f"{value:.0%}", ha="center", va="center", fontsize=7, color="white" if value > values.max() * 0.6 else "black")
+    labels = [shown_label(r, r["label"]) for r in shown]
+    left.set_yticks(range(len(shown)), labels, fontsize=7)
+    left.set_xticks(range(values.shape[1]), [f"steps {i}/{values.shape[1]}" for i in range(1, values.shape[1] + 1)], fontsize=7)
+    left.set_title("executed saving per quarter of the steps (t = 1 first)", fontsize=9)
+    figure.colorbar(image, ax=left, fraction=0.04)
+    left_edge = np.zeros(len(shown))
+    for index, member in enumerate(members):
+        shares = np.array([r["member_shares"].get(member, 0.0) for r in shown])
+        right.barh(range(len(shown)), shares, left=left_edge, color=MODEL_COLORS[index % len(MODEL_COLORS)], label=member)
+        left_edge += shares
+    right.set_yticks(range(len(shown)), [])
+    right.invert_yaxis()
+    right.set_xlim(0, 1)
+    right.set_title("share of decisions per member", fontsize=9)
+    right.legend(fontsize=7, loc="lower right")
+    figure.tight_layout()
+    return save_figure(figure, path)
+
+
 def plot_runs_path_kl_per_step(records: Sequence[dict], path: Path) -> Path | None:
     """``plot_path_kl_per_step`` of every run that measured a non-zero path KL; None when none did (all-heavy only)."""
     shown = [r for r in records if "path_kl" in r and r["path_kl"]["per_sequence"]["mean"] > 0]

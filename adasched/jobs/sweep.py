@@ -33,6 +33,7 @@ from adasched.analysis.plots import (
     plot_arms,
     plot_quality_vs_compute,
     plot_runs_path_kl_per_step,
+    plot_saving_by_quarter,
 )
 from adasched.analysis.run_logging import log_run, rows_table, samples_table
 from adasched.analysis.segment_search import (
@@ -191,6 +192,7 @@ def write_report(folder: Path, experiment: dict[str, Any], records: list[dict[st
     plot_quality_vs_compute(records, folder / "quality_vs_compute.png")
     plot_runs_path_kl_per_step(records, folder / "path_kl_per_step.png")
     plot_arms(records, folder / "quality_by_arm.png")
+    plot_saving_by_quarter(records, folder / "saving_by_quarter.png")
     print(format_table(rows, SWEEP_COLUMNS))
     print(f"\nwrote {folder / 'table.csv'}, results.json and figures")
     if fronts is not None:
