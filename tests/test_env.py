@@ -135,7 +135,7 @@ def test_each_episode_draws_its_price_uniformly_on_the_asinh_scale_and_reads_it_
         seen += [info["price"] for info in infos if "price" in info]
         assert np.allclose(observation[:, -1], env.rows.codes.numpy()) and env.observation_space.contains(observation[0])
     assert len(seen) >= 16 and len(set(seen)) == len(seen)  # every episode its own price
-    drawn = prices.draw(np.random.default_rng(0), 20000)
+    drawn = prices.decode_all(prices.draw_codes(np.random.default_rng(0), 20000))
     codes = np.arcsinh(drawn.numpy() / 0.01)
     assert drawn.min() >= -0.05 and drawn.max() <= 5.0 and (drawn < 0).any()
     assert np.histogram(codes, bins=4, range=prices.codes)[0] == pytest.approx([5000] * 4, rel=0.05)  # uniform in the code

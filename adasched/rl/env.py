@@ -112,8 +112,7 @@ class RowBatch:
     def new_episodes(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Sample seeds and price codes for ``count`` new episodes."""
         seeds = torch.as_tensor(self.rng.integers(*SEED_RANGE, size=count), dtype=torch.int64)
-        low, high = self.config.prices.codes
-        return seeds, torch.as_tensor(self.rng.uniform(low, high, size=count), dtype=torch.float64)
+        return seeds, self.config.prices.draw_codes(self.rng, count)
 
     def start(self) -> np.ndarray:
         """Begin an episode in every row; returns the first decision's observations."""
@@ -128,7 +127,7 @@ class RowBatch:
     @property
     def prices(self) -> torch.Tensor:
         """(num_rows,) float64 each row's price, in nats per full heavy forward."""
-        return self.config.prices.scale * torch.sinh(self.codes)
+        return self.config.prices.decode_all(self.codes)
 
     def _observe(self) -> np.ndarray:
         self.state = self.path.begin_step()

@@ -50,10 +50,13 @@ class PriceRange:
         """The range's ends on the asinh scale: a calibration knob's range."""
         return self.encode(self.low), self.encode(self.high)
 
-    def draw(self, rng: np.random.Generator, count: int) -> torch.Tensor:
-        """(count,) float64 prices, uniform on the asinh scale."""
-        low, high = self.codes
-        return self.scale * torch.sinh(torch.as_tensor(rng.uniform(low, high, size=count), dtype=torch.float64))
+    def decode_all(self, codes: torch.Tensor) -> torch.Tensor:
+        """``decode`` of every code of a tensor."""
+        return self.scale * torch.sinh(codes)
+
+    def draw_codes(self, rng: np.random.Generator, count: int) -> torch.Tensor:
+        """(count,) float64 price codes, uniform on the asinh scale: what training draws per episode."""
+        return torch.as_tensor(rng.uniform(*self.codes, size=count), dtype=torch.float64)
 
     def check(self, price: float, key: str = "policy.price") -> None:
         """A one-line ConfigError for a price outside the range the router was trained on."""
