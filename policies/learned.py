@@ -171,9 +171,9 @@ class LearnedRouter(Policy):
             raise ConfigError(f"the learned router chooses among {self.info['num_models']} models but the family has {num_models}")
 
     def act(self, state: DenoiseState) -> torch.Tensor:
-        codes = None if self.prices is None else torch.full((state.batch_size,), self.code, dtype=torch.float64)
+        positions = None if self.prices is None else self.prices.position(torch.full((state.batch_size,), self.code, dtype=torch.float64))
         with torch.no_grad():
-            logits = self.network(router_inputs(state, self.info["num_models"], self.extras, codes)).double()
+            logits = self.network(router_inputs(state, self.info["num_models"], self.extras, positions)).double()
         if self.prices is None:
             logits[:, 1:] += self.light_bias
         return logits.argmax(dim=1).to(state.step.device)

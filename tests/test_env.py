@@ -128,12 +128,12 @@ def test_each_episode_draws_its_price_uniformly_on_the_asinh_scale_and_reads_it_
     env = ModelScheduleVecEnv(config, num_envs=4, seed=0)
     observation = env.reset()
     codes = env.rows.codes.clone()
-    assert np.allclose(observation[:, -1], codes.numpy()) and np.allclose(env.rows.prices.numpy(), [prices.decode(c) for c in codes.tolist()])
+    assert np.allclose(observation[:, -1], prices.position(codes).numpy()) and np.allclose(env.rows.prices.numpy(), [prices.decode(c) for c in codes.tolist()])
     seen = []
     for _ in range(6 * STEPS):
         observation, _, dones, infos = env.step(np.array([0, 1, 0, 1]))
         seen += [info["price"] for info in infos if "price" in info]
-        assert np.allclose(observation[:, -1], env.rows.codes.numpy()) and env.observation_space.contains(observation[0])
+        assert np.allclose(observation[:, -1], prices.position(env.rows.codes).numpy()) and env.observation_space.contains(observation[0])
     assert len(seen) >= 16 and len(set(seen)) == len(seen)  # every episode its own price
     drawn = prices.decode_all(prices.draw_codes(np.random.default_rng(0), 20000))
     codes = np.arcsinh(drawn.numpy() / 0.01)
@@ -177,7 +177,8 @@ def test_train_export_resume_and_the_policy_acts_like_the_router(tiny_family: Pa
     for price in (-0.02, 0.5, 4.0):
         policy.set_knob(PriceRange(**saved["prices"]).encode(price))
         for state in synthetic_states(8, 20, 2, seed=0):
-            inputs = np.column_stack([router_features(state, 2).numpy(), np.full(8, np.arcsinh(price / 0.005), dtype=np.float32)])
+            position = 2 * (np.arcsinh(price / 0.005) - np.arcsinh(-0.02 / 0.005)) / (np.arcsinh(2.0 / 0.005) - np.arcsinh(-0.02 / 0.005)) - 1
+            inputs = np.column_stack([router_features(state, 2).numpy(), np.full(8, position, dtype=np.float32)])
             assert np.array_equal(policy.act(state).numpy(), router.predict(inputs, deterministic=True)[0])
     check_policy(policy, num_models=2)
     models = list(load_family({name: tiny_family / name for name in ("heavy", "light")}).values())
@@ -218,11 +219,11 @@ def test_a_checkpoint_keeps_the_return_scale_of_every_price_bucket(tiny_family: 
     info = train_router(router_config(tiny_family, tmp_path))
     state = json.loads((tmp_path / "run" / "checkpoints" / f"router_state_{info['timesteps']}_steps.json").read_text())
     assert len(state["return_scales"]) == 8 and sum(scale["count"] > 1 for scale in state["return_scales"]) >= 4
-    rewards = PriceScaledRewards(ModelScheduleVecEnv(episode_config(tiny_family), num_envs=4), PriceRange(-0.02, 2.0, 0.005).codes, 8, 1.0)
+    rewards = PriceScaledRewards(ModelScheduleVecEnv(episode_config(tiny_family), num_envs=4), 8, 1.0)
     rewards.load_state(state["return_scales"])
     assert training_state(rewards) == state
     with pytest.raises(ConfigError, match="keeps 8 return scales but env.reward_buckets=4"):
-        PriceScaledRewards(ModelScheduleVecEnv(episode_config(tiny_family), num_envs=4), (0.0, 1.0), 4, 1.0).load_state(state["return_scales"])
+        PriceScaledRewards(ModelScheduleVecEnv(episode_config(tiny_family), num_envs=4), 4, 1.0).load_state(state["return_scales"])
 
 
 def test_rewards_are_scaled_by_their_price_buckets_own_return_scale(tiny_family: Path) -> None:
@@ -230,10 +231,10 @@ def test_rewards_are_scaled_by_their_price_buckets_own_return_scale(tiny_family:
     config = dataclasses.replace(episode_config(tiny_family), prices=PriceRange(0.0, 100.0, 1.0))
     env = ModelScheduleVecEnv(config, num_envs=4, seed=0)
     env.rows.new_episodes = lambda count: (torch.arange(count) + 2_000_000, torch.full((count,), 0.0, dtype=torch.float64))  # noqa
-    scaled = PriceScaledRewards(env, config.prices.codes, 2, 1.0)
+    scaled = PriceScaledRewards(env, 2, 1.0)
     scaled.reset()
     env.rows.codes = torch.tensor([config.prices.encode(1.0)] * 2 + [config.prices.encode(100.0)] * 2, dtype=torch.float64)
-    scaled.codes = env.rows.codes.numpy().copy()
+    scaled.positions = config.prices.position(env.rows.codes).numpy()
     raw, out = [], []
     for _ in range(3):
         scaled.step_async(np.array([1, 1, 1, 1]))

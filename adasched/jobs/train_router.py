@@ -260,7 +260,7 @@ def train_router(cfg: DictConfig) -> dict[str, Any]:
     env = ModelScheduleVecEnv(episodes, cfg.env.num_envs, seed=cfg.seed)
     # Rewards are divided by the running scale of the returns at their price: unscaled, a return of -price x
     # ~seq_len heavy forwards makes the value loss so large that PPO's gradient clipping leaves the policy's gradient ~0.
-    venv = PriceScaledRewards(VecMonitor(env), prices.codes, cfg.env.reward_buckets, cfg.ppo.gamma)
+    venv = PriceScaledRewards(VecMonitor(env), cfg.env.reward_buckets, cfg.ppo.gamma)
     if latest:
         venv.load_state(latest[1]["return_scales"])
         print(f"resuming from {latest[0]}")

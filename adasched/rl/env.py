@@ -131,7 +131,8 @@ class RowBatch:
 
     def _observe(self) -> np.ndarray:
         self.state = self.path.begin_step()
-        self.observation = router_inputs(self.state, self.num_models, self.config.extra_features, self.codes).numpy()
+        positions = self.config.prices.position(self.codes)
+        self.observation = router_inputs(self.state, self.num_models, self.config.extra_features, positions).numpy()
         return self.observation
 
     def step(self, action: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict[str, float]]]:
@@ -193,7 +194,8 @@ class ModelScheduleEnv(gymnasium.Env):
     ``Box(float32)`` with the columns of ``adasched.sampling.features.router_input_names``: t, mask fraction, the
     fraction revealed at the row's previous forward, log(1 + positions revealing now), FLOPs saved so far vs
     all-heavy, the previous forward's mean predictive entropy and whether there was one, the one-hot model of the
-    previous forward, the configured extra features, and the episode's price on the asinh scale.
+    previous forward, the configured extra features, and where the episode's price lies in the range (-1 to 1 on
+    the asinh scale).
 
     ## Rewards
     Each step earns ``-increment - price * executed FLOPs / FLOPs of a full heavy forward``, where the increment
@@ -285,32 +287,32 @@ class PriceScaledRewards(VecEnvWrapper):
     An episode's return is about minus its price times its compute plus its quality loss, so across a range of
     prices it spans orders of magnitude; one scale for all (SB3's ``VecNormalize``) is set by the priciest
     episodes, and PPO's updates then ignore what the cheap ones could learn. Each bucket (``buckets`` equal spans
-    of the price code, the observation's last column) keeps its own scale instead. Dividing an episode's rewards by
+    of the price's position in its range, the observation's last column) keeps its own scale instead. Dividing an episode's rewards by
     a positive constant leaves its best policy unchanged; the critic reads the price, so it can follow each scale.
     """
 
-    def __init__(self, venv: VecEnv, codes: tuple[float, float], buckets: int, gamma: float, epsilon: float = 1e-8) -> None:
+    def __init__(self, venv: VecEnv, buckets: int, gamma: float, epsilon: float = 1e-8) -> None:
         super().__init__(venv)
-        self.edges = np.linspace(*codes, buckets + 1)[1:-1]
+        self.edges = np.linspace(-1.0, 1.0, buckets + 1)[1:-1]
         self.scales = [RunningMeanStd(shape=()) for _ in range(buckets)]
         self.gamma, self.epsilon = gamma, epsilon
         self.returns = np.zeros(self.num_envs)
 
     def reset(self) -> VecEnvObs:
         observation = self.venv.reset()
-        self.codes = observation[:, -1].copy()
+        self.positions = observation[:, -1].copy()
         self.returns[:] = 0.0
         return observation
 
     def step_wait(self) -> VecEnvStepReturn:
         observation, rewards, dones, infos = self.venv.step_wait()
-        bucket = np.searchsorted(self.edges, self.codes)
+        bucket = np.searchsorted(self.edges, self.positions)
         self.returns = self.returns * self.gamma + rewards
         for index in np.unique(bucket):
             self.scales[index].update(self.returns[bucket == index])
         scale = np.sqrt(np.array([self.scales[index].var for index in bucket]) + self.epsilon)
         self.returns[dones] = 0.0
-        self.codes = observation[:, -1].copy()  # a finished row's observation is already its next episode's
+        self.positions = observation[:, -1].copy()  # a finished row's observation is already its next episode's
         return observation, (rewards / scale).astype(np.float32), dones, infos
 
     def state(self) -> list[dict[str, float]]:

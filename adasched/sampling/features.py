@@ -76,9 +76,8 @@ def router_features(state: DenoiseState, num_models: int) -> torch.Tensor:
 def feature_space(num_models: int, extras: Sequence[str] = (), prices: PriceRange | None = None) -> spaces.Box:
     """Bounds of the ``router_input_names`` columns (the environments' observation space); every extra feature is
     non-negative."""
-    price_low, price_high = prices.codes if prices is not None else (None, None)
-    low = [0, 0, 0, 0, -np.inf, 0, 0, *[0] * num_models, *[0] * len(extras), *([price_low] if prices else [])]
-    high = [1, 1, 1, np.inf, 1, np.inf, 1, *[1] * num_models, *[np.inf] * len(extras), *([price_high] if prices else [])]
+    low = [0, 0, 0, 0, -np.inf, 0, 0, *[0] * num_models, *[0] * len(extras), *([-1] if prices else [])]
+    high = [1, 1, 1, np.inf, 1, np.inf, 1, *[1] * num_models, *[np.inf] * len(extras), *([1] if prices else [])]
     return spaces.Box(np.array(low, dtype=np.float32), np.array(high, dtype=np.float32), dtype=np.float32)
 
 
@@ -203,11 +202,11 @@ def router_input_names(num_models: int, extras: Sequence[str], priced: bool) -> 
     return [*feature_names(num_models), *extras, *([PRICE_FEATURE] if priced else [])]
 
 
-def router_inputs(state: DenoiseState, num_models: int, extras: Sequence[str], price_codes: torch.Tensor | None) -> torch.Tensor:
+def router_inputs(state: DenoiseState, num_models: int, extras: Sequence[str], price_positions: torch.Tensor | None) -> torch.Tensor:
     """(B, F) float32 inputs of the PPO router and its environment, in ``router_input_names`` order: the same code at
-    training and at sampling time. ``price_codes`` (B,) are the rows' prices on the asinh scale
-    (``adasched.sampling.prices``); None for a router trained at one price."""
+    training and at sampling time. ``price_positions`` (B,) are where the rows' prices lie in the trained range
+    (``adasched.sampling.prices.PriceRange.position``); None for a router trained at one price."""
     columns = [router_features(state, num_models), extra_features(state, extras)]
-    if price_codes is not None:
-        columns.append(price_codes.detach().cpu().float()[:, None])
+    if price_positions is not None:
+        columns.append(price_positions.detach().cpu().float()[:, None])
     return torch.cat(columns, 1)

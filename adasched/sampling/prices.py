@@ -8,7 +8,7 @@ Prices live on an ``asinh`` scale: ``code = asinh(price / scale)`` is about ``lo
 about ``-log(-2 price / scale)`` below ``-scale`` and linear in between. Under the excess objective a member as good
 as a heavy seed costs about nothing, so a positive price however small sends rows to it and the lowest budgets need
 a price at or below zero (as the oracle's do); a log scale cannot reach zero, the asinh scale runs through it. The
-code is what the router reads, what training draws uniformly and what calibration searches.
+code is what training draws uniformly and what calibration searches; the router reads its position in the range.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 
 from adasched.errors import ConfigError
 
-PRICE_FEATURE = "asinh_price"  # the column a price-conditioned router reads last: asinh(price / scale)
+PRICE_FEATURE = "price_position"  # a price-conditioned router's last column: where its price lies in the range (``position``)
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,12 @@ class PriceRange:
     def codes(self) -> tuple[float, float]:
         """The range's ends on the asinh scale: a calibration knob's range."""
         return self.encode(self.low), self.encode(self.high)
+
+    def position(self, codes: torch.Tensor) -> torch.Tensor:
+        """Where each code lies in the range, -1 at its low end and 1 at its high end: what the router reads (an
+        input of the other features' size, not the code's several units, keeps its tanh units from saturating)."""
+        low, high = self.codes
+        return 2 * (codes - low) / (high - low) - 1
 
     def decode_all(self, codes: torch.Tensor) -> torch.Tensor:
         """``decode`` of every code of a tensor."""
