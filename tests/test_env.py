@@ -22,8 +22,9 @@ from adasched.errors import ConfigError
 from adasched.jobs.train_router import convergence, train_router, training_state
 from adasched.models.family import load_family
 from adasched.rl.env import EpisodeConfig, ModelScheduleEnv, ModelScheduleVecEnv, PriceScaledRewards, evaluator_scorer
-from adasched.sampling.calibration import calibrate
-from adasched.sampling.features import feature_names, router_features, router_input_names
+from adasched.sampling.calibration import Recording, calibrate
+from adasched.sampling.features import feature_names, router_features, router_input_names, router_inputs
+from adasched.sampling.policy import REVEALING
 from adasched.sampling.prices import PriceRange
 from adasched.sampling.policy_check import check_policy, synthetic_states
 from adasched.sampling.reference import reference_sample
@@ -50,7 +51,7 @@ def router_config(root: Path, run_dir: Path, *overrides: str):
         [
             f"family.dir={root}", f"sampling.num_steps={STEPS}", f"sampling.seq_len={SEQ_LEN}", "env.num_envs=4",
             "ppo.total_timesteps=256", "ppo.n_steps=16", "ppo.batch_size=32", "ppo.n_epochs=2", "ppo.net_arch=[8]",
-            "checkpoint_every_n_timesteps=64", "progress_bar=false", "logger.mode=disabled", "eval.batch_size=8", "env.objective=raw", *overrides,
+            "checkpoint_every_n_timesteps=64", "progress_bar=false", "logger.mode=disabled", "eval.batch_size=8", "env.objective=raw", "env.extra_features=[]", *overrides,
         ],
     )
     with open_dict(cfg):
@@ -336,3 +337,21 @@ def test_calibration_starts_at_the_price_where_the_training_episodes_saved_the_b
     centres = [sum(map(prices.encode, bucket)) / 2 for bucket in buckets]
     assert policy.code_saving(0.3) == pytest.approx(sum(centres) / 2) and policy.code_saving(0.1) == pytest.approx(centres[0])
     assert policy.price == pytest.approx(prices.decode(sum(centres) / 2))  # where it stands before calibration moves it
+
+
+def test_a_router_reading_extra_features_reads_them_alike_in_training_and_sampling(tiny_family: Path, tmp_path: Path) -> None:
+    extras = ["nearest_revealed_distance", "left_revealed", "right_revealed"]
+    info = train_router(router_config(tiny_family, tmp_path, f"env.extra_features=[{','.join(extras)}]", "ppo.total_timesteps=128"))
+    assert info["features"] == router_input_names(2, extras, priced=True) and info["extra_features"] == extras
+    policy = make_policy("learned_router", path=str(tmp_path / "router"), price=0.3)
+    assert REVEALING in policy.features  # the sampler hands over z_t and the reveal plan, which cost nothing
+    router = PPO.load(tmp_path / "run" / "checkpoints" / f"router_{info['timesteps']}_steps.zip", device="cpu")
+    models = list(load_family({name: tiny_family / name for name in ("heavy", "light")}).values())
+    spec = SamplingSpec(STEPS, SEQ_LEN, batch_size=4)
+    recorded = Recording(policy)
+    output = sample(models, recorded, torch.arange(6), spec, meter(models))
+    for state in recorded.states:
+        expected = router.predict(router_inputs(state, 2, extras, PriceRange(-0.02, 2.0, 0.005).position(torch.full((state.batch_size,), policy.code))).numpy(), deterministic=True)[0]
+        assert np.array_equal(policy.act(state).numpy(), expected)
+    reference = reference_sample(models, policy, torch.arange(6), spec, meter(models))  # exact, like every policy
+    assert torch.equal(output.tokens, reference.tokens) and torch.equal(output.actions, reference.actions)
