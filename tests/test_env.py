@@ -355,3 +355,22 @@ def test_a_router_reading_extra_features_reads_them_alike_in_training_and_sampli
         assert np.array_equal(policy.act(state).numpy(), expected)
     reference = reference_sample(models, policy, torch.arange(6), spec, meter(models))  # exact, like every policy
     assert torch.equal(output.tokens, reference.tokens) and torch.equal(output.actions, reference.actions)
+
+
+def test_an_episode_samples_the_tokens_the_sampler_draws_and_costs_what_it_charges(tiny_family: Path) -> None:
+    """The environment steps the event-driven sampler itself: an all-light episode has the tokens and executed FLOPs
+    of ``sample`` with the static light policy from the same seed, though the light model runs once per step, for
+    the increment, and the sampler draws from those logits."""
+    config = episode_config(tiny_family, price=1.0)
+    light, calls = config.models[1], []
+    forward = light.hidden_states
+    light.hidden_states = lambda *args: calls.append(1) or forward(*args)  # counts the light model's forwards
+    rewards, summary, env = episode(config, 1)
+    del light.hidden_states
+    assert len(calls) == len(rewards)
+    path = env.rows.path
+    seed = path.seeds[:1]
+    cost = meter(config.models)
+    output = sample(config.models, make_policy("static_light"), seed, SamplingSpec(STEPS, SEQ_LEN, batch_size=1), cost)
+    assert torch.equal(output.tokens, path.tokens_out[:1]) and torch.equal(output.actions, path.actions_out[:, :1])
+    assert summary["executed_flops"] == pytest.approx(sum(cost.flops)) and summary["saved_executed"] == pytest.approx(cost.saved_executed())

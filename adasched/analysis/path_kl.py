@@ -72,6 +72,9 @@ class StepKL(NamedTuple):
     kl: torch.Tensor  # (R,) float64
     floor: torch.Tensor | None  # (R,) float64; None without a seed baseline
     flops: float  # of the evaluation forwards
+    # each chosen member (off the heavy) -> its logits at its rows' revealed positions, row-major: what a sampler
+    # stepping the same rows would compute (``Trajectory.reuse_logits``)
+    logits: dict[int, torch.Tensor]
 
 
 @torch.inference_mode()
@@ -90,7 +93,7 @@ def step_kl(
     t, action = t.to(tokens.device), action.to(tokens.device)  # a sampler's state and a policy's actions live on the host
     rows = (action != 0).nonzero(as_tuple=True)[0]
     if not len(rows):
-        return StepKL(increment, floor, 0.0)
+        return StepKL(increment, floor, 0.0, {})
     seq_len = tokens.shape[1]
     z, t_rows, positions, chosen = tokens[rows], t[rows], reveal[rows], action[rows]
     p = revealed_logits(models[0], z, t_rows, positions)
@@ -99,14 +102,15 @@ def step_kl(
     if seed_baseline is not None:
         floor[rows] = row_sums(categorical_kl(revealed_logits(seed_baseline, z, t_rows, positions), p, top_p), owner, len(rows))
         ran.append((seed_baseline, len(rows), int(positions.sum())))
+    logits = {}
     for model_index in chosen.unique().tolist():
         mine = chosen == model_index
         kept = mine[owner]  # the positions of this member's rows, in p's order
         rank = mine.cumsum(0) - 1  # each of its rows' index among them
-        q = revealed_logits(models[model_index], z[mine], t_rows[mine], positions[mine])
-        increment[rows[mine]] = row_sums(categorical_kl(q, p[kept], top_p), rank[owner[kept]], int(mine.sum()))
+        logits[model_index] = revealed_logits(models[model_index], z[mine], t_rows[mine], positions[mine])
+        increment[rows[mine]] = row_sums(categorical_kl(logits[model_index], p[kept], top_p), rank[owner[kept]], int(mine.sum()))
         ran.append((models[model_index], int(mine.sum()), int(positions[mine].sum())))
-    return StepKL(increment, floor, sum(forward_flops(model, count, projected, seq_len) for model, count, projected in ran))
+    return StepKL(increment, floor, sum(forward_flops(model, count, projected, seq_len) for model, count, projected in ran), logits)
 
 
 @dataclass

@@ -149,6 +149,7 @@ class RowBatch:
             measured = step_kl(config.models, tokens, self.state.t, reveal, action.to(tokens.device), self.spec.top_p, config.seed_baseline)
             kl = measured.kl.cpu()
             floor = torch.zeros_like(kl) if measured.floor is None else measured.floor.cpu()
+            path.reuse_logits(measured.logits)  # the chosen members ran for the increment: draw from those logits
             output = path.advance(action)
             self.episode_kl += kl
             self.episode_floor += floor

@@ -22,7 +22,7 @@ produces the same tokens from the same seeds.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -210,6 +210,7 @@ class Trajectory(ABC):
         self.row_flops = torch.zeros(slots, dtype=torch.float64)
         self.row_all_heavy = torch.zeros(slots, dtype=torch.float64)
         self._decision: tuple[StepRows, DenoiseState, torch.Tensor] | None = None
+        self._reused: dict[int, torch.Tensor] = {}  # see ``reuse_logits``
         self.enqueue(seeds, prompts)
 
     # -- samples -------------------------------------------------------------------------------------
@@ -383,10 +384,21 @@ class Trajectory(ABC):
             ]
             hidden = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
             logits = model.project(hidden.flatten(0, 1)[flat])
-        self.meter.add_forward(model_index, len(slots), self.trunk[model_index] * len(slots) + self.projection[model_index] * len(flat), self.device)
-        if not probe:
-            self.charge_baseline(len(slots), len(flat))
+        self.charge_forward(model_index, len(slots), len(flat), probe)
         return logits
+
+    def charge_forward(self, model_index: int, rows: int, projected: int, probe: bool = False) -> None:
+        """Charge a forward of ``model_index`` over ``rows`` rows projecting ``projected`` positions (a probe's to the
+        model only, see ``forward``)."""
+        self.meter.add_forward(model_index, rows, self.trunk[model_index] * rows + self.projection[model_index] * projected, self.device)
+        if not probe:
+            self.charge_baseline(rows, projected)
+
+    def reuse_logits(self, logits: Mapping[int, torch.Tensor]) -> None:
+        """Between ``begin_step`` and ``advance``: logits that members chosen at this step have already computed for
+        their rows of it (at their revealing positions, row-major, from the same z_t), as path KL's evaluation does.
+        ``advance`` draws from them instead of running those members again, and charges the forwards as if it had."""
+        self._reused = dict(logits)
 
     def charge_baseline(self, rows: int, projected: int) -> None:
         """What model 0 would have executed for ``rows`` rows projecting ``projected`` positions in all."""
@@ -431,10 +443,14 @@ class Trajectory(ABC):
                 reused = torch.nonzero_static(chosen[self._probe_rows], size=projected).squeeze(1)
                 logits = self._probe_logits[reused]  # the probe ran this model on these rows: reuse its logits
                 self.charge_baseline(count, projected)
+            elif model_index in self._reused:
+                logits = self._reused[model_index]
+                self.charge_forward(model_index, count, projected)
             else:
                 logits = self.forward(model_index, slots[mine], t[mine], flat)
             entropy[mine] = self.draw(logits, slots[mine], steps[mine], flat)
         self._probe_logits = self._probe_rows = None
+        self._reused = {}
         return entropy
 
     @abstractmethod
