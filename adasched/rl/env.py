@@ -18,7 +18,8 @@ chosen member's path-KL increment (``adasched.analysis.path_kl``: the KL of its 
 positions revealed) less the seed baseline's at the same positions, and 0 where the heavy ran: path KL charges
 for being another good network, the excess only for being a worse one. Without one (``raw``) it is the path-KL
 increment itself. Episodes report both (``path_kl``, ``excess``). The evaluator's NLL of a finished sample can
-be added at the episode's end (``quality_weight``, off by default).
+be added at the episode's end (``quality_weight``, off by default). The sampler draws a step's tokens from the
+logits the chosen member computed for its increment (``Trajectory.reuse_logits``), so it runs once per step.
 """
 
 from __future__ import annotations
