@@ -198,7 +198,7 @@ def named_features(state: DenoiseState, num_models: int, names: Sequence[str]) -
 
 
 def router_input_names(num_models: int, extras: Sequence[str], priced: bool) -> list[str]:
-    """The columns of ``router_inputs``: ``router_features``' own, then ``extras``, then the price code if ``priced``."""
+    """The columns of ``router_inputs``: ``router_features``' own, then ``extras``, then the price's position if ``priced``."""
     return [*feature_names(num_models), *extras, *([PRICE_FEATURE] if priced else [])]
 
 
