@@ -109,6 +109,7 @@ OPTIONS: list[tuple[str, Spec]] = [
     ("tokenizer_path validation_split experiment.reference", Spec(str, "a string", nullable=True)),
     ("seed_baseline", Spec(str, "the name of a model folder of the family", nullable=True)),  # null: no floor under path KL
     ("objective", choice("raw", "excess")),  # what a router learns: path KL, or its excess over a seed baseline
+    ("increment", choice("expected", "revealed")),  # a router's step reward: in expectation over the reveal draw, or at it
     ("run_dir save_dir", TEXT),  # Hydra's output folder: known only inside a run
     ("experiment.segment_search", Spec(dict, "a mapping {num_segments, light_segments, light}", nullable=True)),
 ]

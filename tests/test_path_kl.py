@@ -135,7 +135,7 @@ def test_one_steps_kl_over_rows_on_several_members_is_each_rows_own() -> None:
     tokens = torch.randint(0, 28, (6, 16))
     reveal = torch.rand(6, 16) < 0.3
     reveal[3] = False  # a row revealing nothing adds nothing
-    tokens[~reveal] = 29  # the revealing positions are masked in z_t
+    tokens[reveal] = 29  # the revealing positions are masked in z_t
     t = torch.full((6,), 0.6, dtype=torch.float64)
     action = torch.tensor([0, 1, 2, 1, 2, 0])
     together = step_kl(members, tokens, t, reveal, action, seed_baseline=seed)
@@ -148,3 +148,38 @@ def test_one_steps_kl_over_rows_on_several_members_is_each_rows_own() -> None:
     expected = forward_flops(members[0], 4, projected, 16) + forward_flops(seed, 4, projected, 16)
     expected += forward_flops(members[1], 2, int(reveal[[1, 3]].sum()), 16) + forward_flops(members[2], 2, int(reveal[[2, 4]].sum()), 16)
     assert together.flops == pytest.approx(expected)
+
+
+def test_expected_step_kl_averages_the_revealed_kl_over_which_masked_positions_reveal() -> None:
+    """Given k of M masked positions reveal, each k-subset is equally likely: the expected increment (and floor)
+    is the mean of the revealed ones over every k-subset, and the revealed ones and logits are step_kl's own."""
+    members = family((3, 1, 2))
+    seed = family((3,))[0]
+    torch.manual_seed(2)
+    tokens = torch.randint(0, 28, (3, 16))
+    masked = torch.rand(3, 16) < 0.5
+    masked[:, :2] = True
+    tokens[masked] = 29
+    reveal = torch.zeros(3, 16, dtype=torch.bool)
+    reveal[0, 0] = reveal[1, 0] = reveal[1, 1] = True  # one of M, two of M; row 2 runs the heavy
+    t = torch.full((3,), 0.5, dtype=torch.float64)
+    action = torch.tensor([1, 2, 0])
+    measured = step_kl(members, tokens, t, reveal, action, seed_baseline=seed, expected=True)
+    plain = step_kl(members, tokens, t, reveal, action, seed_baseline=seed)
+    assert torch.allclose(measured.kl, plain.kl) and torch.allclose(measured.floor, plain.floor)
+    assert all(torch.allclose(measured.logits[m], plain.logits[m]) for m in plain.logits)
+    assert measured.expected_kl[2] == 0 and measured.expected_floor[2] == 0
+    for row, k in ((0, 1), (1, 2)):
+        subsets = list(itertools.combinations(masked[row].nonzero().flatten().tolist(), k))
+        kl = floor = 0.0
+        for subset in subsets:
+            one = torch.zeros(1, 16, dtype=torch.bool)
+            one[0, list(subset)] = True
+            alone = step_kl(members, tokens[row : row + 1], t[:1], one, action[row : row + 1], seed_baseline=seed)
+            kl, floor = kl + alone.kl.item() / len(subsets), floor + alone.floor.item() / len(subsets)
+        assert measured.expected_kl[row].item() == pytest.approx(kl, rel=1e-9)
+        assert measured.expected_floor[row].item() == pytest.approx(floor, rel=1e-9)
+    projected = int(masked[:2].sum())  # every masked position of the rows off the heavy
+    flops = forward_flops(members[0], 2, projected, 16) + forward_flops(seed, 2, projected, 16)
+    flops += forward_flops(members[1], 1, int(masked[0].sum()), 16) + forward_flops(members[2], 1, int(masked[1].sum()), 16)
+    assert measured.flops == pytest.approx(flops)

@@ -75,42 +75,64 @@ class StepKL(NamedTuple):
     # each chosen member (off the heavy) -> its logits at its rows' revealed positions, row-major: what a sampler
     # stepping the same rows would compute (``Trajectory.reuse_logits``)
     logits: dict[int, torch.Tensor]
+    expected_kl: torch.Tensor | None = None  # (R,) float64: ``kl`` in expectation over which masked positions reveal
+    expected_floor: torch.Tensor | None = None  # (R,) float64: ``floor`` alike; both None unless asked for
 
 
 @torch.inference_mode()
 def step_kl(
     models: Sequence[MDLMDenoiser], tokens: torch.Tensor, t: torch.Tensor, reveal: torch.Tensor, action: torch.Tensor, top_p: float = 1.0,
-    seed_baseline: MDLMDenoiser | None = None,
+    seed_baseline: MDLMDenoiser | None = None, expected: bool = False,
 ) -> StepKL:
     """Each row's path-KL increment for one step: the KL summed over its ``reveal`` positions of z_t ``tokens``,
     and with a ``seed_baseline`` its floor increment, KL(q_seed || p_heavy) at the same positions.
 
     Rows on model 0 (heavy) add exactly 0 to both and run nothing. The heavy and the seed baseline run once on all
     the other rows, each other member on its own rows.
+
+    With ``expected`` both are also given in expectation over which positions reveal. Given that k of a row's M
+    masked positions reveal, which ones is a uniform k-subset whatever the model, so that expectation is k/M times
+    the KL summed over all M: the revealed sum's mean without the noise of the draw (a reward to learn from). The
+    forwards then project every masked position instead of the revealing ones.
     """
-    increment = torch.zeros(len(tokens), dtype=torch.float64, device=tokens.device)
-    floor = None if seed_baseline is None else torch.zeros_like(increment)
+    zeros = torch.zeros(len(tokens), dtype=torch.float64, device=tokens.device)
+    increment, floor = zeros.clone(), (None if seed_baseline is None else zeros.clone())
+    expected_kl = zeros.clone() if expected else None
+    expected_floor = zeros.clone() if expected and seed_baseline is not None else None
     t, action = t.to(tokens.device), action.to(tokens.device)  # a sampler's state and a policy's actions live on the host
     rows = (action != 0).nonzero(as_tuple=True)[0]
     if not len(rows):
-        return StepKL(increment, floor, 0.0, {})
+        return StepKL(increment, floor, 0.0, {}, expected_kl, expected_floor)
     seq_len = tokens.shape[1]
-    z, t_rows, positions, chosen = tokens[rows], t[rows], reveal[rows], action[rows]
+    z, t_rows, chosen, revealing = tokens[rows], t[rows], action[rows], reveal[rows]
+    positions = z == models[0].config.mask_token_id if expected else revealing  # what every forward projects
+    revealed = revealing[positions]  # which projected positions reveal, in their (row-major) order
+    owner = positions.nonzero(as_tuple=True)[0]  # the row (of ``rows``) of each projected position
+    reveal_share = revealing.sum(1).double() / positions.sum(1).clamp(min=1)  # k / M per row
+
+    def split(per_position: torch.Tensor, realized: torch.Tensor, in_expectation: torch.Tensor | None) -> None:
+        """Sum per-position KLs into the rows' revealed increments and, if asked, their expected ones."""
+        realized[rows] = row_sums(torch.where(revealed, per_position, 0.0), owner, len(rows))
+        if in_expectation is not None:
+            in_expectation[rows] = row_sums(per_position, owner, len(rows)) * reveal_share
+
     p = revealed_logits(models[0], z, t_rows, positions)
-    owner = positions.nonzero(as_tuple=True)[0]  # the row (of ``rows``) of each revealed position, in p's order
-    ran = [(models[0], len(rows), int(positions.sum()))]
+    ran = [(models[0], len(rows), len(owner))]
     if seed_baseline is not None:
-        floor[rows] = row_sums(categorical_kl(revealed_logits(seed_baseline, z, t_rows, positions), p, top_p), owner, len(rows))
-        ran.append((seed_baseline, len(rows), int(positions.sum())))
+        split(categorical_kl(revealed_logits(seed_baseline, z, t_rows, positions), p, top_p), floor, expected_floor)
+        ran.append((seed_baseline, len(rows), len(owner)))
+    per_position = torch.zeros(len(owner), dtype=torch.float64, device=tokens.device)
     logits = {}
     for model_index in chosen.unique().tolist():
         mine = chosen == model_index
-        kept = mine[owner]  # the positions of this member's rows, in p's order
-        rank = mine.cumsum(0) - 1  # each of its rows' index among them
-        logits[model_index] = revealed_logits(models[model_index], z[mine], t_rows[mine], positions[mine])
-        increment[rows[mine]] = row_sums(categorical_kl(logits[model_index], p[kept], top_p), rank[owner[kept]], int(mine.sum()))
-        ran.append((models[model_index], int(mine.sum()), int(positions[mine].sum())))
-    return StepKL(increment, floor, sum(forward_flops(model, count, projected, seq_len) for model, count, projected in ran), logits)
+        kept = mine[owner]  # the projected positions of this member's rows
+        member_logits = revealed_logits(models[model_index], z[mine], t_rows[mine], positions[mine])
+        per_position[kept] = categorical_kl(member_logits, p[kept], top_p)
+        logits[model_index] = member_logits[revealed[kept]]
+        ran.append((models[model_index], int(mine.sum()), int(kept.sum())))
+    split(per_position, increment, expected_kl)
+    flops = sum(forward_flops(model, count, projected, seq_len) for model, count, projected in ran)
+    return StepKL(increment, floor, flops, logits, expected_kl, expected_floor)
 
 
 @dataclass

@@ -256,7 +256,7 @@ def train_router(cfg: DictConfig) -> dict[str, Any]:
     checkpoint_dir = run_dir / "checkpoints"
     latest = latest_checkpoint(checkpoint_dir, cfg.resume)
     spec = SamplingSpec(cfg.sampling.num_steps, cfg.sampling.seq_len, cfg.env.num_envs, cfg.sampling.top_p)
-    episodes = EpisodeConfig(models, spec, prices, seed_baseline, score, cfg.env.quality_weight, tuple(extras), probe)
+    episodes = EpisodeConfig(models, spec, prices, seed_baseline, score, cfg.env.quality_weight, tuple(extras), probe, cfg.env.increment)
     env = ModelScheduleVecEnv(episodes, cfg.env.num_envs, seed=cfg.seed)
     # Rewards are divided by the running scale of the returns at their price: unscaled, a return of -price x
     # ~seq_len heavy forwards makes the value loss so large that PPO's gradient clipping leaves the policy's gradient ~0.
@@ -290,6 +290,7 @@ def train_router(cfg: DictConfig) -> dict[str, Any]:
         "member_flops": [float(m.flops_per_forward(spec.seq_len, spec.seq_len)) for m in models],
         "prices": prices.as_dict(),  # learned_router refuses a price outside it
         "objective": cfg.env.objective,
+        "increment": cfg.env.increment,
         "seed_baseline": baseline,  # the floor it was trained against: runs refuse to judge it with the same one
         "training_episodes": EPISODES_FILE,
         "convergence": convergence(curve.rows, buckets),

@@ -17,7 +17,10 @@ The quality increment is, with a ``seed_baseline`` (a heavy from another seed: t
 chosen member's path-KL increment (``adasched.analysis.path_kl``: the KL of its prediction from the heavy's at the
 positions revealed) less the seed baseline's at the same positions, and 0 where the heavy ran: path KL charges
 for being another good network, the excess only for being a worse one. Without one (``raw``) it is the path-KL
-increment itself. Episodes report both (``path_kl``, ``excess``). The evaluator's NLL of a finished sample can
+increment itself. The reward takes it in expectation over which of the row's masked positions reveal
+(``increment="expected"``, ``step_kl``'s Rao-Blackwell form: the same mean, none of the reveal draw's noise, which
+no decision can see) or at the positions that did (``"revealed"``). Episodes report the revealed sums, the measure
+itself (``path_kl``, ``excess``). The evaluator's NLL of a finished sample can
 be added at the episode's end (``quality_weight``, off by default). The sampler draws a step's tokens from the
 logits the chosen member computed for its increment (``Trajectory.reuse_logits``), so it runs once per step.
 """
@@ -52,6 +55,7 @@ from adasched.sampling.prices import PriceRange
 from adasched.sampling.spec import SamplingSpec
 from adasched.sampling.trajectory import EventTrajectory
 
+INCREMENTS = ("expected", "revealed")  # the reward's quality term: over the reveal draw, or at it
 SEED_RANGE = (2_000_000, 2**31 - 1)  # training samples: disjoint from run's (0, ...) and calibration's (1_000_000, ...) seeds
 Scorer = Callable[[torch.Tensor], torch.Tensor]  # generated tokens (B, L) -> (B,) float64 mean NLL per token
 
@@ -86,6 +90,7 @@ class EpisodeConfig:
     quality_weight: float = 0.0  # terminal reward -quality_weight * NLL (nats/token)
     extra_features: tuple[str, ...] = ()  # named extra features the agent reads (``adasched.sampling.features``)
     probe_model: int | None = None  # the member whose probe forward the probe features need (charged to the row)
+    increment: str = "expected"  # the reward's quality term: "expected" over the reveal draw | "revealed" at it
 
 
 class RowBatch:
@@ -96,6 +101,8 @@ class RowBatch:
     """
 
     def __init__(self, config: EpisodeConfig, num_rows: int, rng: np.random.Generator) -> None:
+        if config.increment not in INCREMENTS:
+            raise ConfigError(f"env.increment={config.increment!r} is invalid; it must be one of: {', '.join(INCREMENTS)}")
         if config.quality_weight and config.score is None:
             raise ConfigError(f"env.quality_weight={config.quality_weight} needs an evaluator to score samples")
         self.config, self.num_rows, self.rng = config, num_rows, rng
@@ -147,15 +154,18 @@ class RowBatch:
             path.enqueue(seeds)  # starts in the ending rows' slots as they free
         with torch.inference_mode():
             tokens, reveal = path.open_step()
-            measured = step_kl(config.models, tokens, self.state.t, reveal, action.to(tokens.device), self.spec.top_p, config.seed_baseline)
+            expected = config.increment == "expected"
+            measured = step_kl(config.models, tokens, self.state.t, reveal, action.to(tokens.device), self.spec.top_p, config.seed_baseline, expected)
             kl = measured.kl.cpu()
             floor = torch.zeros_like(kl) if measured.floor is None else measured.floor.cpu()
+            reward_kl, reward_floor = (measured.expected_kl.cpu(), measured.expected_floor) if expected else (kl, measured.floor)
+            reward_floor = torch.zeros_like(kl) if reward_floor is None else reward_floor.cpu()
             path.reuse_logits(measured.logits)  # the chosen members ran for the increment: draw from those logits
             output = path.advance(action)
             self.episode_kl += kl
             self.episode_floor += floor
             self.decisions[torch.arange(self.num_rows), action.cpu()] += 1
-            rewards = -(kl - floor) - self.prices * output.flops.cpu() / self.heavy_full
+            rewards = -(reward_kl - reward_floor) - self.prices * output.flops.cpu() / self.heavy_full
             infos: list[dict[str, float]] = [{} for _ in range(self.num_rows)]
             if ending:
                 nll = config.score(path.tokens_out[samples, path.prefix_len :]).cpu() if config.score is not None else None
