@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from adasched.analysis.path_kl import categorical_kl, forward_flops, path_kl, step_kl
+from adasched.analysis.path_kl import categorical_kl, forward_flops, masked_sample, path_kl, step_kl
 from adasched.sampling.spec import SamplingSpec
 from adasched.sampling.trajectory import sample
 from policies import make_policy
@@ -151,8 +151,9 @@ def test_one_steps_kl_over_rows_on_several_members_is_each_rows_own() -> None:
 
 
 def test_expected_step_kl_averages_the_revealed_kl_over_which_masked_positions_reveal() -> None:
-    """Given k of M masked positions reveal, each k-subset is equally likely: the expected increment (and floor)
-    is the mean of the revealed ones over every k-subset, and the revealed ones and logits are step_kl's own."""
+    """Given k of M masked positions reveal, each k-subset is equally likely: averaged over all M, the expected
+    increment (and floor) is the mean of the revealed ones over every k-subset; averaged over a uniform sample of
+    the masked positions it is that mean on average over the samples. The revealed ones and logits are step_kl's own."""
     members = family((3, 1, 2))
     seed = family((3,))[0]
     torch.manual_seed(2)
@@ -164,22 +165,41 @@ def test_expected_step_kl_averages_the_revealed_kl_over_which_masked_positions_r
     reveal[0, 0] = reveal[1, 0] = reveal[1, 1] = True  # one of M, two of M; row 2 runs the heavy
     t = torch.full((3,), 0.5, dtype=torch.float64)
     action = torch.tensor([1, 2, 0])
-    measured = step_kl(members, tokens, t, reveal, action, seed_baseline=seed, expected=True)
+    measured = step_kl(members, tokens, t, reveal, action, seed_baseline=seed, averaged=masked)
     plain = step_kl(members, tokens, t, reveal, action, seed_baseline=seed)
     assert torch.allclose(measured.kl, plain.kl) and torch.allclose(measured.floor, plain.floor)
     assert all(torch.allclose(measured.logits[m], plain.logits[m]) for m in plain.logits)
     assert measured.expected_kl[2] == 0 and measured.expected_floor[2] == 0
     for row, k in ((0, 1), (1, 2)):
-        subsets = list(itertools.combinations(masked[row].nonzero().flatten().tolist(), k))
-        kl = floor = 0.0
-        for subset in subsets:
-            one = torch.zeros(1, 16, dtype=torch.bool)
-            one[0, list(subset)] = True
-            alone = step_kl(members, tokens[row : row + 1], t[:1], one, action[row : row + 1], seed_baseline=seed)
-            kl, floor = kl + alone.kl.item() / len(subsets), floor + alone.floor.item() / len(subsets)
+        columns = masked[row].nonzero().flatten().tolist()
+
+        def mean_over(subsets: list[tuple[int, ...]], averaged: bool) -> tuple[float, float]:
+            """The mean over ``subsets`` of the revealed increments there, or of the expected ones averaged there."""
+            kl = floor = 0.0
+            for subset in subsets:
+                chosen = torch.zeros(1, 16, dtype=torch.bool)
+                chosen[0, list(subset)] = True
+                args = (reveal[row : row + 1], action[row : row + 1], 1.0, seed) if averaged else (chosen, action[row : row + 1], 1.0, seed)
+                one = step_kl(members, tokens[row : row + 1], t[:1], *args, averaged=chosen if averaged else None)
+                kl += (one.expected_kl if averaged else one.kl).item() / len(subsets)
+                floor += (one.expected_floor if averaged else one.floor).item() / len(subsets)
+            return kl, floor
+
+        kl, floor = mean_over(list(itertools.combinations(columns, k)), averaged=False)
         assert measured.expected_kl[row].item() == pytest.approx(kl, rel=1e-9)
         assert measured.expected_floor[row].item() == pytest.approx(floor, rel=1e-9)
+        assert mean_over(list(itertools.combinations(columns, 3)), averaged=True) == pytest.approx((kl, floor), rel=1e-9)
     projected = int(masked[:2].sum())  # every masked position of the rows off the heavy
     flops = forward_flops(members[0], 2, projected, 16) + forward_flops(seed, 2, projected, 16)
     flops += forward_flops(members[1], 1, int(masked[0].sum()), 16) + forward_flops(members[2], 1, int(masked[1].sum()), 16)
     assert measured.flops == pytest.approx(flops)
+
+
+def test_a_masked_sample_draws_that_many_masked_positions_uniformly() -> None:
+    tokens = torch.zeros(2, 8, dtype=torch.int64)
+    tokens[0, :6] = tokens[1, :2] = 29
+    generator = torch.Generator().manual_seed(0)
+    draws = torch.stack([masked_sample(tokens, 29, 3, generator) for _ in range(3000)]).double()
+    assert (draws.sum(2) == torch.tensor([3.0, 2.0])).all() and (draws[:, :, 6:] == 0).all()  # all of row 1's two
+    assert draws[:, 0, :6].mean(0) == pytest.approx(torch.full((6,), 0.5, dtype=torch.float64), abs=0.04)  # 3 of 6, alike
+    assert torch.equal(masked_sample(tokens, 29, None, generator), tokens == 29)

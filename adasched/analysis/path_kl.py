@@ -20,6 +20,7 @@ Measuring the floor costs one more forward per (sample, step), the heavy's logit
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -30,15 +31,25 @@ from adasched.models.dit import MDLMDenoiser
 from adasched.sampling.trajectory import nucleus
 
 
-def categorical_kl(q_logits: torch.Tensor, p_logits: torch.Tensor, top_p: float = 1.0) -> torch.Tensor:
-    """(N,) KL(q || p) in float64 between the distributions the sampler draws from (nucleus-truncated if top_p < 1).
+def sampler_log_probs(logits: torch.Tensor, top_p: float = 1.0) -> torch.Tensor:
+    """(N, V) float64 log-probabilities of the distribution the sampler draws from (nucleus-truncated and
+    renormalized if top_p < 1): computed once per model, they serve every KL taken against it."""
+    log_probs = torch.log_softmax(logits.double(), -1)
+    if top_p >= 1.0:
+        return log_probs
+    log_probs = log_probs.masked_fill(nucleus(log_probs.exp(), top_p) == 0, -math.inf)
+    return log_probs - torch.logsumexp(log_probs, -1, keepdim=True)
 
-    Tokens outside q's support add nothing; a token q can draw but p cannot makes the KL infinite.
-    """
-    q, p = nucleus(torch.softmax(q_logits.double(), -1), top_p), nucleus(torch.softmax(p_logits.double(), -1), top_p)
-    q, p = q / q.sum(-1, keepdim=True), p / p.sum(-1, keepdim=True)
-    terms = torch.where(q > 0, q * (q.log() - p.log()), 0.0)
-    return terms.sum(-1)
+
+def log_prob_kl(log_q: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
+    """(N,) KL(q || p) from ``sampler_log_probs``: tokens q cannot draw add nothing; one that q can draw but p
+    cannot makes the KL infinite."""
+    return torch.where(log_q > -math.inf, log_q.exp() * (log_q - log_p), 0.0).sum(-1)
+
+
+def categorical_kl(q_logits: torch.Tensor, p_logits: torch.Tensor, top_p: float = 1.0) -> torch.Tensor:
+    """(N,) KL(q || p) in float64 between the distributions the sampler draws from (nucleus-truncated if top_p < 1)."""
+    return log_prob_kl(sampler_log_probs(q_logits, top_p), sampler_log_probs(p_logits, top_p))
 
 
 def forward_flops(model: MDLMDenoiser, rows: int, projected: int, seq_len: int) -> float:
@@ -66,6 +77,17 @@ def revealed_kl(
     return row_sums(categorical_kl(revealed_logits(model, tokens, t, positions), heavy_logits, top_p), owner, len(tokens))
 
 
+def masked_sample(tokens: torch.Tensor, mask_id: int, size: int | None, generator: torch.Generator) -> torch.Tensor:
+    """(R, L) mask of ``size`` of each row's masked positions drawn uniformly without replacement (all of them
+    where it has no more, or if ``size`` is None): ``step_kl``'s ``averaged`` positions."""
+    masked = tokens == mask_id
+    if size is None:
+        return masked
+    keys = torch.rand(tokens.shape, generator=generator).to(tokens.device).masked_fill(~masked, 2.0)  # unmasked last
+    drawn = torch.zeros_like(masked).scatter_(1, keys.argsort(1)[:, :size], True)
+    return drawn & masked
+
+
 class StepKL(NamedTuple):
     """One step's path-KL increment per row, the seed baseline's at the same rows and positions, and their cost."""
 
@@ -76,13 +98,13 @@ class StepKL(NamedTuple):
     # stepping the same rows would compute (``Trajectory.reuse_logits``)
     logits: dict[int, torch.Tensor]
     expected_kl: torch.Tensor | None = None  # (R,) float64: ``kl`` in expectation over which masked positions reveal
-    expected_floor: torch.Tensor | None = None  # (R,) float64: ``floor`` alike; both None unless asked for
+    expected_floor: torch.Tensor | None = None  # (R,) float64: ``floor`` alike; both None without ``averaged`` positions
 
 
 @torch.inference_mode()
 def step_kl(
     models: Sequence[MDLMDenoiser], tokens: torch.Tensor, t: torch.Tensor, reveal: torch.Tensor, action: torch.Tensor, top_p: float = 1.0,
-    seed_baseline: MDLMDenoiser | None = None, expected: bool = False,
+    seed_baseline: MDLMDenoiser | None = None, averaged: torch.Tensor | None = None,
 ) -> StepKL:
     """Each row's path-KL increment for one step: the KL summed over its ``reveal`` positions of z_t ``tokens``,
     and with a ``seed_baseline`` its floor increment, KL(q_seed || p_heavy) at the same positions.
@@ -90,36 +112,38 @@ def step_kl(
     Rows on model 0 (heavy) add exactly 0 to both and run nothing. The heavy and the seed baseline run once on all
     the other rows, each other member on its own rows.
 
-    With ``expected`` both are also given in expectation over which positions reveal. Given that k of a row's M
-    masked positions reveal, which ones is a uniform k-subset whatever the model, so that expectation is k/M times
-    the KL summed over all M: the revealed sum's mean without the noise of the draw (a reward to learn from). The
-    forwards then project every masked position instead of the revealing ones.
+    With ``averaged`` (an (R, L) mask: all of each row's masked positions, or a uniform sample of them) both are
+    also given in expectation over which positions reveal. Given that k of a row's masked positions reveal, which
+    ones is a uniform k-subset whatever the model, so that expectation is k times the mean KL over all masked
+    positions, which the mean over a uniform sample estimates without bias: the revealed sum's mean without the
+    noise of the draw (a reward to learn from). The forwards then also project the ``averaged`` positions.
     """
     zeros = torch.zeros(len(tokens), dtype=torch.float64, device=tokens.device)
     increment, floor = zeros.clone(), (None if seed_baseline is None else zeros.clone())
-    expected_kl = zeros.clone() if expected else None
-    expected_floor = zeros.clone() if expected and seed_baseline is not None else None
+    expected_kl = None if averaged is None else zeros.clone()
+    expected_floor = None if averaged is None or seed_baseline is None else zeros.clone()
     t, action = t.to(tokens.device), action.to(tokens.device)  # a sampler's state and a policy's actions live on the host
     rows = (action != 0).nonzero(as_tuple=True)[0]
     if not len(rows):
         return StepKL(increment, floor, 0.0, {}, expected_kl, expected_floor)
     seq_len = tokens.shape[1]
     z, t_rows, chosen, revealing = tokens[rows], t[rows], action[rows], reveal[rows]
-    positions = z == models[0].config.mask_token_id if expected else revealing  # what every forward projects
-    revealed = revealing[positions]  # which projected positions reveal, in their (row-major) order
+    sampled = revealing if averaged is None else averaged[rows].to(tokens.device)
+    positions = revealing | sampled  # what every forward projects
+    revealed, in_sample = revealing[positions], sampled[positions]  # in the projected (row-major) order
     owner = positions.nonzero(as_tuple=True)[0]  # the row (of ``rows``) of each projected position
-    reveal_share = revealing.sum(1).double() / positions.sum(1).clamp(min=1)  # k / M per row
+    reveal_weight = revealing.sum(1).double() / sampled.sum(1).clamp(min=1)  # k / the sample's size, per row
 
     def split(per_position: torch.Tensor, realized: torch.Tensor, in_expectation: torch.Tensor | None) -> None:
         """Sum per-position KLs into the rows' revealed increments and, if asked, their expected ones."""
         realized[rows] = row_sums(torch.where(revealed, per_position, 0.0), owner, len(rows))
         if in_expectation is not None:
-            in_expectation[rows] = row_sums(per_position, owner, len(rows)) * reveal_share
+            in_expectation[rows] = row_sums(torch.where(in_sample, per_position, 0.0), owner, len(rows)) * reveal_weight
 
-    p = revealed_logits(models[0], z, t_rows, positions)
+    log_p = sampler_log_probs(revealed_logits(models[0], z, t_rows, positions), top_p)
     ran = [(models[0], len(rows), len(owner))]
     if seed_baseline is not None:
-        split(categorical_kl(revealed_logits(seed_baseline, z, t_rows, positions), p, top_p), floor, expected_floor)
+        split(log_prob_kl(sampler_log_probs(revealed_logits(seed_baseline, z, t_rows, positions), top_p), log_p), floor, expected_floor)
         ran.append((seed_baseline, len(rows), len(owner)))
     per_position = torch.zeros(len(owner), dtype=torch.float64, device=tokens.device)
     logits = {}
@@ -127,7 +151,7 @@ def step_kl(
         mine = chosen == model_index
         kept = mine[owner]  # the projected positions of this member's rows
         member_logits = revealed_logits(models[model_index], z[mine], t_rows[mine], positions[mine])
-        per_position[kept] = categorical_kl(member_logits, p[kept], top_p)
+        per_position[kept] = log_prob_kl(sampler_log_probs(member_logits, top_p), log_p[kept])
         logits[model_index] = member_logits[revealed[kept]]
         ran.append((models[model_index], int(mine.sum()), int(kept.sum())))
     split(per_position, increment, expected_kl)

@@ -256,7 +256,7 @@ def train_router(cfg: DictConfig) -> dict[str, Any]:
     checkpoint_dir = run_dir / "checkpoints"
     latest = latest_checkpoint(checkpoint_dir, cfg.resume)
     spec = SamplingSpec(cfg.sampling.num_steps, cfg.sampling.seq_len, cfg.env.num_envs, cfg.sampling.top_p)
-    episodes = EpisodeConfig(models, spec, prices, seed_baseline, score, cfg.env.quality_weight, tuple(extras), probe, cfg.env.increment)
+    episodes = EpisodeConfig(models, spec, prices, seed_baseline, score, cfg.env.quality_weight, tuple(extras), probe, cfg.env.increment, cfg.env.expected_positions)
     env = ModelScheduleVecEnv(episodes, cfg.env.num_envs, seed=cfg.seed)
     # Rewards are divided by the running scale of the returns at their price: unscaled, a return of -price x
     # ~seq_len heavy forwards makes the value loss so large that PPO's gradient clipping leaves the policy's gradient ~0.
@@ -291,6 +291,7 @@ def train_router(cfg: DictConfig) -> dict[str, Any]:
         "prices": prices.as_dict(),  # learned_router refuses a price outside it
         "objective": cfg.env.objective,
         "increment": cfg.env.increment,
+        "expected_positions": cfg.env.expected_positions,
         "seed_baseline": baseline,  # the floor it was trained against: runs refuse to judge it with the same one
         "training_episodes": EPISODES_FILE,
         "convergence": convergence(curve.rows, buckets),

@@ -18,8 +18,9 @@ chosen member's path-KL increment (``adasched.analysis.path_kl``: the KL of its 
 positions revealed) less the seed baseline's at the same positions, and 0 where the heavy ran: path KL charges
 for being another good network, the excess only for being a worse one. Without one (``raw``) it is the path-KL
 increment itself. The reward takes it in expectation over which of the row's masked positions reveal
-(``increment="expected"``, ``step_kl``'s Rao-Blackwell form: the same mean, none of the reveal draw's noise, which
-no decision can see) or at the positions that did (``"revealed"``). Episodes report the revealed sums, the measure
+(``increment="expected"``, ``step_kl``'s Rao-Blackwell form averaged over ``expected_positions`` of them drawn
+uniformly: the same mean with little of the reveal draw's noise, which no decision can see) or at the positions
+that did (``"revealed"``). Episodes report the revealed sums, the measure
 itself (``path_kl``, ``excess``). The evaluator's NLL of a finished sample can
 be added at the episode's end (``quality_weight``, off by default). The sampler draws a step's tokens from the
 logits the chosen member computed for its increment (``Trajectory.reuse_logits``), so it runs once per step.
@@ -45,7 +46,7 @@ from stable_baselines3.common.vec_env.base_vec_env import (
 )
 
 from adasched.analysis.evaluation import sample_nll
-from adasched.analysis.path_kl import step_kl
+from adasched.analysis.path_kl import masked_sample, step_kl
 from adasched.errors import ConfigError
 from adasched.models.dit import MDLMDenoiser
 from adasched.sampling.costs import CostMeter
@@ -91,6 +92,7 @@ class EpisodeConfig:
     extra_features: tuple[str, ...] = ()  # named extra features the agent reads (``adasched.sampling.features``)
     probe_model: int | None = None  # the member whose probe forward the probe features need (charged to the row)
     increment: str = "expected"  # the reward's quality term: "expected" over the reveal draw | "revealed" at it
+    expected_positions: int | None = 32  # masked positions per row (a uniform sample) the expected increment averages; None: all
 
 
 class RowBatch:
@@ -106,6 +108,8 @@ class RowBatch:
         if config.quality_weight and config.score is None:
             raise ConfigError(f"env.quality_weight={config.quality_weight} needs an evaluator to score samples")
         self.config, self.num_rows, self.rng = config, num_rows, rng
+        self.generator = torch.Generator().manual_seed(int(rng.integers(2**63 - 1)))  # the expected increments' samples
+        self.mask_id = config.models[0].config.mask_token_id
         self.spec = SamplingSpec(config.spec.num_steps, config.spec.seq_len, num_rows, config.spec.top_p)
         self.heavy_full = float(config.models[0].flops_per_forward(self.spec.seq_len, self.spec.seq_len))
         self.features = frozenset({ENTROPY}) | needed_features(config.extra_features)
@@ -155,7 +159,8 @@ class RowBatch:
         with torch.inference_mode():
             tokens, reveal = path.open_step()
             expected = config.increment == "expected"
-            measured = step_kl(config.models, tokens, self.state.t, reveal, action.to(tokens.device), self.spec.top_p, config.seed_baseline, expected)
+            averaged = masked_sample(tokens, self.mask_id, config.expected_positions, self.generator) if expected else None
+            measured = step_kl(config.models, tokens, self.state.t, reveal, action.to(tokens.device), self.spec.top_p, config.seed_baseline, averaged)
             kl = measured.kl.cpu()
             floor = torch.zeros_like(kl) if measured.floor is None else measured.floor.cpu()
             reward_kl, reward_floor = (measured.expected_kl.cpu(), measured.expected_floor) if expected else (kl, measured.floor)
