@@ -79,16 +79,17 @@ def episode(config: EpisodeConfig, model: int, seed: int = 3) -> tuple[list[floa
     return rewards, summary, env
 
 
-def test_the_reward_is_minus_the_path_kl_and_the_priced_compute(tiny_family: Path) -> None:
+def test_the_reward_is_minus_the_path_kl_plus_the_priced_saving(tiny_family: Path) -> None:
     config = episode_config(tiny_family, price=2.0)
     heavy, heavy_summary, _ = episode(config, 0)
     light, light_summary, env = episode(config, 1)
     assert len(light) == len(heavy) <= STEPS  # same seed: same reveal steps, whatever the models
     full = config.models[0].flops_per_forward(SEQ_LEN, SEQ_LEN)
     assert heavy_summary["path_kl"] == 0.0 and heavy_summary["saved_executed"] == 0.0 and heavy_summary["price"] == pytest.approx(2.0)
-    assert sum(heavy) == pytest.approx(-2.0 * heavy_summary["executed_flops"] / full)
+    assert heavy == [0.0] * len(heavy)
     assert light_summary["path_kl"] > 0 and light_summary["saved_executed"] > 0
-    assert sum(light) == pytest.approx(-light_summary["path_kl"] - 2.0 * light_summary["executed_flops"] / full)
+    saved = light_summary["all_heavy_flops"] - light_summary["executed_flops"]
+    assert sum(light) == pytest.approx(-light_summary["path_kl"] + 2.0 * saved / full)
     assert (heavy_summary["share_0"], light_summary["share_1"]) == (1.0, 1.0) and "excess" not in light_summary
     # the environment's path KL is the replay's of the same finished sample
     path = env.rows.path

@@ -9,9 +9,12 @@ steps where it reveals positions (elsewhere no model runs and nothing changes), 
 Every episode (row) draws its own price of compute from ``prices`` (``adasched.sampling.prices``: nats per full
 heavy forward's FLOPs, uniform on an asinh scale) and sees it as its last input, so one PPO run learns a policy
 for every price in the range and ``budget=`` later calibrates the price; no dual update or controller is needed.
-The reward of a row's step is minus the chosen member's quality increment minus its price times the step's
-executed FLOPs per full heavy forward (each member charged its own FLOPs, a probe's included): dense, exact, and
-summing over an episode to minus the sample's quality loss minus its priced compute.
+The reward of a row's step is minus the chosen member's quality increment plus its price times the FLOPs the
+step saved against the heavy at the same step, per full heavy forward (each member charged its own FLOPs, a
+probe's included): dense, exact, and summing over an episode to minus the sample's quality loss plus its priced
+saving. The heavy earns exactly 0. Charging the price on all executed FLOPs instead would have the same best
+policy (the heavy's FLOPs at a step do not depend on the choice, nor does the number of steps), but returns of
+about the price times a whole sample's compute, which the critic must predict and PPO must see through.
 
 The quality increment is, with a ``seed_baseline`` (a heavy from another seed: the ``excess`` objective), the
 chosen member's path-KL increment (``adasched.analysis.path_kl``: the KL of its prediction from the heavy's at the
@@ -170,7 +173,7 @@ class RowBatch:
             self.episode_kl += kl
             self.episode_floor += floor
             self.decisions[torch.arange(self.num_rows), action.cpu()] += 1
-            rewards = -(reward_kl - reward_floor) - self.prices * output.flops.cpu() / self.heavy_full
+            rewards = -(reward_kl - reward_floor) + self.prices * (output.all_heavy_flops - output.flops).cpu() / self.heavy_full
             infos: list[dict[str, float]] = [{} for _ in range(self.num_rows)]
             if ending:
                 nll = config.score(path.tokens_out[samples, path.prefix_len :]).cpu() if config.score is not None else None
@@ -215,7 +218,7 @@ class ModelScheduleEnv(gymnasium.Env):
     the asinh scale).
 
     ## Rewards
-    Each step earns ``-increment - price * executed FLOPs / FLOPs of a full heavy forward``, where the increment
+    Each step earns ``-increment + price * FLOPs saved against the heavy / FLOPs of a full heavy forward``, where the increment
     is the step's path-KL increment (0 for the heavy model), less the seed baseline's at the same positions where
     the config has one (the excess objective). With ``quality_weight > 0`` the last step also earns
     ``-quality_weight * NLL`` of the finished sample under the scorer (the autoregressive evaluator).
@@ -301,7 +304,7 @@ class ModelScheduleVecEnv(VecEnv):
 class PriceScaledRewards(VecEnvWrapper):
     """Rewards divided by the running scale of the discounted returns of their episode's price bucket.
 
-    An episode's return is about minus its price times its compute plus its quality loss, so across a range of
+    An episode's return is about its price times the compute it saved less its quality loss, so across a range of
     prices it spans orders of magnitude; one scale for all (SB3's ``VecNormalize``) is set by the priciest
     episodes, and PPO's updates then ignore what the cheap ones could learn. Each bucket (``buckets`` equal spans
     of the price's position in its range, the observation's last column) keeps its own scale instead. Dividing an episode's rewards by
