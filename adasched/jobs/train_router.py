@@ -258,8 +258,9 @@ def train_router(cfg: DictConfig) -> dict[str, Any]:
     spec = SamplingSpec(cfg.sampling.num_steps, cfg.sampling.seq_len, cfg.env.num_envs, cfg.sampling.top_p)
     episodes = EpisodeConfig(models, spec, prices, seed_baseline, score, cfg.env.quality_weight, tuple(extras), probe, cfg.env.increment, cfg.env.expected_positions)
     env = ModelScheduleVecEnv(episodes, cfg.env.num_envs, seed=cfg.seed)
-    # Rewards are divided by the running scale of the returns at their price: unscaled, a return of -price x
-    # ~seq_len heavy forwards makes the value loss so large that PPO's gradient clipping leaves the policy's gradient ~0.
+    # Rewards are divided by the running scale of the returns at their price: unscaled, a return of the price x
+    # up to ~seq_len heavy forwards saved makes the value loss so large that PPO's gradient clipping leaves the
+    # policy's gradient ~0.
     venv = PriceScaledRewards(VecMonitor(env), cfg.env.reward_buckets, cfg.ppo.gamma)
     if latest:
         venv.load_state(latest[1]["return_scales"])
