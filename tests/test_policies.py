@@ -26,11 +26,12 @@ def test_every_registered_policy_has_a_config_and_passes_the_checker() -> None:
     """A registered policy's config is named after it; more configs may select it with other files (kl_router_excess)."""
     configs = sorted(p.stem for p in (CONFIG_DIR / "policy").glob("*.yaml"))
     assert set(registered_policies()) <= set(configs)
+    # a router meets a budget through its knob, which every run with budget= calibrates on real trajectories, not
+    # on the checker's random states: the checker takes the price-conditioned router at one price and one router
+    # of the per-budget folder at its default bias
+    chosen = {"learned_router": ["policy.price=0.0"], "learned_router_per_budget": [f"policy.path={ROOT}/checkpoints/shakespeare/routers/learned_router_per_budget/budget0.17"]}
     for config in configs:
-        # one router of the shipped folder (one per budget): a router meets a budget through its light bias, which
-        # every run with budget= calibrates on real trajectories, not at its default bias on the checker's random states
-        chosen = [f"policy.path={ROOT}/checkpoints/shakespeare/routers/learned_router_per_budget/budget0.17"] if config.startswith("learned_router") else []
-        policy_config = compose_config("run", [f"policy={config}", *chosen]).policy
+        policy_config = compose_config("run", [f"policy={config}", *chosen.get(config, [])]).policy
         assert policy_config.name in registered_policies()
         if "path" in policy_config and not Path(policy_config.path).exists():  # a router fitted once its inputs exist (kl_router_excess: heavy_seed3)
             with pytest.raises(ConfigError, match=f"no fitted KL router at {policy_config.path}; create it with: python experiments/fit_kl_router.py"):
@@ -40,7 +41,7 @@ def test_every_registered_policy_has_a_config_and_passes_the_checker() -> None:
         assert policy.name == policy_config.name
         if policy.analysis_only:  # the oracle runs the family to decide: tests/test_oracle.py checks it bound to one
             continue
-        check_policy(policy, num_models=2)
+        check_policy(policy, num_models=len(policy.trained_members or ()) or 2)
 
 
 def test_the_checker_catches_bad_policies() -> None:
