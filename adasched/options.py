@@ -98,7 +98,7 @@ OPTIONS: list[tuple[str, Spec]] = [
     ("quality_weight learning_rate_end ent_coef", number(">= 0")),
     ("threshold", number()),  # kl_router's default is null: the threshold its fit suggests
     ("price prices.low prices.high", number()),  # negative under the excess objective (ranges are checked where they are built)
-    ("steps_timed threads expected_positions", integer(">= 1", nullable=True)),  # null: every step to the end; torch's own thread count
+    ("steps_timed threads expected_positions", integer(">= 1", nullable=True)),  # null: every step to the end; torch's own thread count; every masked position
     (
         "num_samples batch_size num_steps seq_len num_trajectories record_every repeats torch_threads "
         "devices num_nodes num_shards num_envs total_timesteps n_steps n_epochs checkpoint_every_n_timesteps curve_buckets reward_buckets "
